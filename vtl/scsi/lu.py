@@ -131,6 +131,13 @@ class LogicalUnit:
         for n in targets:
             self._queue(n).add(pair)
 
+    def clear_unit_attention(self, asc: Asc | tuple[int, int], nexus: str) -> None:
+        """Drop one pending unit attention for one nexus (e.g. 3F/0E once REPORT LUNS ran)."""
+        pair = asc.value if isinstance(asc, Asc) else tuple(asc)
+        q = self._ua.get(nexus)
+        if q is not None and pair in q.pending:
+            q.pending.remove(pair)
+
     def forget_nexus(self, nexus: str) -> None:
         """Called when a session ends; a later session with the same nexus starts fresh."""
         self._ua.pop(nexus, None)

@@ -109,6 +109,7 @@ class Asc(tuple, enum.Enum):
     WORM_MEDIUM_OVERWRITE_ATTEMPTED = (0x30, 0x0C)
     WORM_MEDIUM_INTEGRITY_CHECK = (0x30, 0x0D)
     SPACE_ALLOCATION_FAILED_WRITE_PROTECT = (0x27, 0x07)
+    SAVING_PARAMETERS_NOT_SUPPORTED = (0x39, 0x00)
 
     @property
     def asc(self) -> int:
@@ -256,3 +257,30 @@ class DecodedSense:
             return cls(key=buf[1] & 0x0F, asc=buf[2], ascq=buf[3], valid=False, information=0,
                        filemark=False, eom=False, ili=False, sks=b"")
         raise ValueError(f"unknown sense response code 0x{code:02x}")
+
+
+_DESCRIPTOR_HEAD = struct.Struct(">BBBBxxxB")  # SPC-4 4.5.2.1 table 26
+assert _DESCRIPTOR_HEAD.size == 8
+
+
+def descriptor_sense(fixed: bytes) -> bytes:
+    """Convert fixed-format sense (SPC-4 4.5.3) to descriptor format (SPC-4 4.5.2).
+
+    Carries INFORMATION (descriptor 00h) when VALID, COMMAND-SPECIFIC INFORMATION (01h) when
+    non-zero, the sense-key-specific bytes (02h) when SKSV, and FILEMARK/EOM/ILI as the stream
+    commands descriptor (04h, SSC-3 4.2.x).
+    """
+    if len(fixed) < 18:
+        raise ValueError("fixed sense data shorter than 18 bytes")
+    code = 0x73 if (fixed[0] & 0x7F) == 0x71 else 0x72
+    descs = bytearray()
+    if fixed[0] & 0x80:
+        descs += bytes([0x00, 0x0A, 0x80, 0x00]) + bytes(4) + fixed[3:7]
+    if any(fixed[8:12]):
+        descs += bytes([0x01, 0x0A, 0x00, 0x00]) + bytes(4) + fixed[8:12]
+    if fixed[15] & 0x80:
+        descs += bytes([0x02, 0x06, 0x00, 0x00]) + fixed[15:18] + b"\x00"
+    stream = fixed[2] & 0xE0
+    if stream:
+        descs += bytes([0x04, 0x02, 0x00, stream])
+    return _DESCRIPTOR_HEAD.pack(code, fixed[2] & 0x0F, fixed[12], fixed[13], len(descs)) + descs

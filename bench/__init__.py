@@ -1,0 +1,1 @@
+"""Benchmark of the appliance against tgt as a reference peer (see README.md)."""

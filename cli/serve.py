@@ -1,0 +1,67 @@
+"""``vtl serve``: run the appliance in the foreground until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+import vtl
+from cli.client import data_dir_option
+from vtl.errors import ApplianceError
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:3260" -> ("127.0.0.1", 3260)``; ``"[::1]:3260"`` for IPv6; port 0 = any free."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:3260)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+class _Listen(click.ParamType):
+    name = "host:port"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value  # type: ignore[return-value]
+        try:
+            return parse_listen(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@click.command("serve")
+@data_dir_option
+@click.option("--listen", type=_Listen(), default="127.0.0.1:3260", show_default=True,
+              help="iSCSI portal address; 0.0.0.0:3260 serves the LAN, port 0 picks a free one.")
+@click.option("--iqn-authority", default=vtl.DEFAULT_IQN_AUTHORITY, show_default=True,
+              help="Naming authority of the target IQNs.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
+                                               case_sensitive=False),
+              default="info", show_default=True, help="Log verbosity (logs go to stderr).")
+def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str) -> None:
+    """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
+    from vtl.engine.supervisor import Appliance  # keeps other commands' start-up light
+
+    logging.basicConfig(stream=sys.stderr, level=log_level.upper(), format=LOG_FORMAT, force=True)
+    try:
+        Appliance(data_dir, listen, authority=iqn_authority).run()
+    except ApplianceError as exc:
+        raise click.ClickException(exc.message) from None
+    except OSError as exc:
+        if exc.filename:
+            raise click.ClickException(
+                f"cannot serve: {exc.strerror or exc}: {exc.filename}") from None
+        reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise click.ClickException(
+            f"cannot listen on {listen[0]}:{listen[1]}: {reason}; choose another --listen "
+            "address or stop the program using it") from None

@@ -1,0 +1,1 @@
+"""Helpers shared by the test suite (running appliances, fake control servers)."""

@@ -1,0 +1,270 @@
+"""The appliance process: data directory, catalog, services, iSCSI portal and control API.
+
+``Appliance(data_dir, listen).run()`` serves until SIGINT or SIGTERM, then stops cleanly
+(servers first, then services, then the catalog) and returns, so ``vtl serve`` exits 0.
+
+Invariants:
+
+- One appliance per data directory: ``<data-dir>/vtl.lock`` is held with ``fcntl.flock`` for the
+  whole life of the process (the kernel drops it if the process dies, so it is never stale).
+- The gateway id (``sgw-`` + 8 uppercase hex digits, as AWS spells them) is generated once and
+  kept in the catalog's settings; target names derive from it, so it never changes.
+- Services expose ``start()``, ``close()`` and ``ops() -> {name: fn(args) -> JSON-able}``; every
+  op is registered into the control API under its AWS Storage Gateway name.
+- Services written by others are imported when present (a missing module is logged, not fatal),
+  so the appliance runs with whatever parts exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import importlib
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import vtl
+from catalog.db import Catalog, open_catalog
+from vtl.engine.control import ControlServer
+from vtl.errors import ApplianceError
+from vtl.iscsi.target import Targets
+
+log = logging.getLogger(__name__)
+
+#: Subdirectories of the data directory (catalog.db and control.sock sit beside them).
+LAYOUT = ("cache", "store", "volumes")
+
+#: Where VolumeService may live; the first module that defines it wins.
+_VOLUME_SERVICE_MODULES = ("volumes.service", "volumes.gateway", "volumes.stored", "volumes")
+
+
+class Service(Protocol):
+    """What the supervisor needs from a gateway service (volumes, tape library, ...)."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+    def ops(self) -> dict[str, Any]: ...
+
+
+def _import_optional(module_name: str, attr: str) -> Any | None:
+    """``module_name.attr`` if that module exists; None (logged) if it does not exist yet.
+
+    An ImportError raised *inside* an existing module is a bug and propagates.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name
+                                     or module_name.startswith(exc.name + ".")):
+            return None
+        raise
+    return getattr(module, attr, None)
+
+
+def new_gateway_id() -> str:
+    """A fresh AWS-like gateway id, e.g. ``sgw-1A2B3C4D``."""
+    return "sgw-" + secrets.token_hex(4).upper()
+
+
+class Appliance:
+    """One appliance serving one data directory on one iSCSI portal."""
+
+    def __init__(self, data_dir: Path, listen: tuple[str, int], *,
+                 authority: str = vtl.DEFAULT_IQN_AUTHORITY) -> None:
+        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.listen = listen
+        self.authority = authority
+        self.gateway_id = ""
+        self.iscsi_port: int | None = None
+        self.catalog: Catalog | None = None
+        self.targets = Targets()
+        self.control = ControlServer(self.data_dir / "control.sock")
+        self.services: list[tuple[str, Service]] = []
+        self._lock_file: IO[str] | None = None
+        self._iscsi: Any | None = None
+        self._stopping = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until SIGINT or SIGTERM, then stop cleanly."""
+        asyncio.run(self._serve_until_signalled())
+
+    async def _serve_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig, stop)
+        try:
+            try:
+                await self.start()
+            except BaseException:
+                await self.stop()
+                raise
+            await stop.wait()
+            await self.stop()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: signal.Signals, stop: asyncio.Event) -> None:
+        log.info("%s received, stopping", signal.Signals(sig).name)
+        stop.set()
+
+    async def start(self) -> None:
+        """Lock and lay out the data dir, open the catalog, start services and servers."""
+        self._acquire_lock()
+        for sub in LAYOUT:
+            (self.data_dir / sub).mkdir(exist_ok=True)
+        self.catalog = open_catalog(self.data_dir / "catalog.db")
+        self.gateway_id = self._gateway_id(self.catalog)
+
+        # Bind the portal before starting services: a busy port fails fast, and the registry
+        # is live, so targets the services add are served as soon as they are registered.
+        server_cls = _import_optional("vtl.iscsi.server", "IscsiServer")
+        host, port = self.listen
+        if server_cls is None:
+            log.warning("vtl.iscsi.server is not available: no iSCSI portal is served")
+        else:
+            self._iscsi = server_cls(self.targets, host, port)
+            await self._iscsi.start()
+            self.iscsi_port = getattr(self._iscsi, "port", port)
+
+        self._start_services(self.catalog)
+        self.control.register("DescribeGatewayInformation", self._describe_gateway)
+        self.control.register("ListTargets", self._list_targets)
+        for name, service in self.services:
+            self.control.register_all(service.ops())
+        await self.control.start()
+        log.info("vtl %s gateway %s: iSCSI portal %s:%s, %d target(s), control %s",
+                 vtl.__version__, self.gateway_id, host, self.iscsi_port,
+                 len(self.targets.targets()), self.control.path)
+
+    async def stop(self) -> None:
+        """Stop servers, close services and the catalog, release the lock. Idempotent."""
+        if self._stopping or self._lock_file is None:
+            return  # already stopped, or never started (e.g. the data dir was busy)
+        self._stopping = True
+        try:
+            await self.control.stop()
+        except Exception:
+            log.exception("stopping the control API failed")
+        if self._iscsi is not None:
+            try:
+                await self._iscsi.stop()
+            except Exception:
+                log.exception("stopping the iSCSI server failed")
+            self._iscsi = None
+        for name, service in reversed(self.services):
+            try:
+                service.close()
+            except Exception:
+                log.exception("closing the %s service failed", name)
+        self.services.clear()
+        if self.catalog is not None:
+            self.catalog.close()
+            self.catalog = None
+        self._release_lock()
+        log.info("stopped")
+
+    # --- pieces --------------------------------------------------------------------------------
+    def _acquire_lock(self) -> None:
+        try:
+            self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ApplianceError(f"cannot create data dir {self.data_dir}: "
+                                 f"{exc.strerror or exc}") from None
+        path = self.data_dir / "vtl.lock"
+        lock = open(path, "a+", encoding="ascii")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise ApplianceError(
+                f"data dir {self.data_dir} is in use by another appliance (pid {holder}); "
+                "stop it or choose another --data-dir", code="GatewayBusy") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock_file = lock
+
+    def _release_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.seek(0)
+            self._lock_file.truncate()
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
+
+    @staticmethod
+    def _gateway_id(catalog: Catalog) -> str:
+        gateway_id = catalog.get_setting("gateway_id")
+        if not gateway_id:
+            gateway_id = new_gateway_id()
+            catalog.set_setting("gateway_id", gateway_id)
+            log.info("new gateway id %s", gateway_id)
+        return gateway_id
+
+    def _start_services(self, catalog: Catalog) -> None:
+        volume_cls = None
+        for module_name in _VOLUME_SERVICE_MODULES:
+            volume_cls = _import_optional(module_name, "VolumeService")
+            if volume_cls is not None:
+                break
+        if volume_cls is None:
+            log.warning("VolumeService is not available: no volume operations")
+        else:
+            self._add_service("volumes", volume_cls(catalog, self.data_dir, self.targets,
+                                                    self.authority))
+        try:
+            library_cls = _import_optional("vtl.library.library", "Library")
+        except ImportError as exc:  # the library is being written alongside; do not block volumes
+            log.error("tape library disabled: vtl.library.library cannot be imported: %s", exc)
+            library_cls = None
+        if library_cls is None:
+            log.warning("vtl.library.library is not available: no tape library")
+        else:
+            self._add_service("library", library_cls(catalog, self.data_dir, self.targets,
+                                                     self.authority, self.gateway_id))
+
+    def _add_service(self, name: str, service: Service) -> None:
+        service.start()
+        self.services.append((name, service))
+        log.info("%s service started", name)
+
+    # --- the supervisor's own control operations ----------------------------------------------
+    def _describe_gateway(self, args: dict[str, Any]) -> dict[str, Any]:
+        host, _ = self.listen
+        return {
+            "gateway_id": self.gateway_id,
+            "version": vtl.__version__,
+            "listen": f"{host}:{self.iscsi_port}" if self.iscsi_port is not None else None,
+            "iscsi_host": host,
+            "iscsi_port": self.iscsi_port,
+            "iqn_authority": self.authority,
+            "target_count": len(self.targets.targets()),
+            "data_dir": str(self.data_dir),
+            "services": [name for name, _ in self.services],
+            "pid": os.getpid(),
+        }
+
+    def _list_targets(self, args: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for target in self.targets.targets():
+            auth = target.auth
+            out.append({
+                "target_iqn": target.name,
+                "alias": target.alias,
+                "chap": auth.chap is not None,
+                "mutual_chap": auth.mutual is not None,
+                "initiators": (sorted(auth.allowed_initiators)
+                               if auth.allowed_initiators is not None else None),
+            })
+        return out
