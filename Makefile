@@ -6,7 +6,7 @@
 PYTHON      ?= python3
 VENV        := .venv
 STAMP       := $(VENV)/.installed
-SYS_PACKAGES := libiscsi-bin libiscsi-dev
+SYS_PACKAGES := libiscsi-bin libiscsi-dev tgt
 VTL_ARGS    ?=
 PYTEST_ARGS ?=
 

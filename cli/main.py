@@ -12,6 +12,7 @@ import vtl
 from cli.client import call, data_dir_option
 from cli.output import emit_record
 from cli.serve import serve
+from cli.selftest import selftest
 from cli.volume import volume
 
 
@@ -37,6 +38,7 @@ def status(as_json: bool, data_dir: Path) -> None:
 
 cli.add_command(serve)
 cli.add_command(volume)
+cli.add_command(selftest)
 
 def _add_optional_group(module_name: str, group_name: str) -> None:
     """Add the click group ``group_name`` from ``module_name`` if that module exists yet."""

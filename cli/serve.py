@@ -11,6 +11,7 @@ import click
 
 import vtl
 from cli.client import data_dir_option
+from vtl.library.identities import CHANGER_TYPES
 from vtl.errors import ApplianceError
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -48,13 +49,22 @@ class _Listen(click.ParamType):
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"],
                                                case_sensitive=False),
               default="info", show_default=True, help="Log verbosity (logs go to stderr).")
-def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str) -> None:
+@click.option("--changer-type", type=click.Choice(sorted(CHANGER_TYPES)), default=None,
+              help="Media changer identity (kept in the catalog once set).  [default: STK-L700]")
+@click.option("--slots", "storage_slots", type=click.IntRange(1, 60000), default=1600,
+              show_default=True, help="Storage slots in the library.")
+@click.option("--ie-slots", type=click.IntRange(1, 3328), default=1600, show_default=True,
+              help="Import/export slots (new tapes appear there; exporting archives).")
+def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str,
+          changer_type: str | None, storage_slots: int, ie_slots: int) -> None:
     """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
-    from vtl.engine.supervisor import Appliance  # keeps other commands' start-up light
+    from vtl.engine.supervisor import Appliance, LibraryOptions  # keeps other commands' start-up light
 
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(), format=LOG_FORMAT, force=True)
     try:
-        Appliance(data_dir, listen, authority=iqn_authority).run()
+        library = LibraryOptions(changer_type=changer_type, storage_slots=storage_slots,
+                                 ie_slots=ie_slots)
+        Appliance(data_dir, listen, authority=iqn_authority, library=library).run()
     except ApplianceError as exc:
         raise click.ClickException(exc.message) from None
     except OSError as exc:

@@ -1,7 +1,8 @@
 """VolumeService: stored volumes as iSCSI targets, with AWS Storage Gateway operation names.
 
-Each volume is one sparse file ``<data-dir>/volumes/<name>.img`` (see ``volumes.stored``) served
-by a :class:`volumes.sbc.BlockDevice` as LUN 0 of its own iSCSI target
+Each volume is one sparse file ``<data-dir>/volumes/<name>.img`` (plus ``<name>.img.1`` past
+8 TiB, see ``volumes.stored``) served by a :class:`volumes.sbc.BlockDevice` as LUN 0 of its own
+iSCSI target
 ``<authority>:<name>``. The catalog's ``volumes`` table is the source of truth; the live
 targets are derived from it in :meth:`VolumeService.start`.
 
@@ -28,7 +29,6 @@ import errno
 import hashlib
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -37,7 +37,9 @@ from typing import Any, Callable
 
 from catalog.db import Catalog
 from volumes.sbc import BlockDevice
-from volumes.stored import StoredBackend
+from volumes.stored import (
+    SEGMENT_BYTES, StoredBackend, allocated_bytes, remove_volume_files, stored_size,
+)
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from vtl.iscsi.target import ChapCredentials, IscsiTarget, TargetAuth, Targets
 from vtl.scsi.target import ScsiTarget
@@ -149,7 +151,7 @@ class VolumeService:
             name, status = row["name"], row["status"]
             path = self._path(name)
             if status == VolumeStatus.CREATING:
-                if path.exists() and path.stat().st_size == row["size_bytes"]:
+                if stored_size(path) == row["size_bytes"]:
                     log.info("volume %s: completing an interrupted creation", name)
                     self._set_status(name, VolumeStatus.AVAILABLE)
                     status = VolumeStatus.AVAILABLE
@@ -218,8 +220,8 @@ class VolumeService:
         path = self._path(name)
         try:
             self.volume_dir.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # a stray file no row owns (e.g. an old crash): replace it
-                path.unlink()
+            # stray files no row owns (e.g. from an old crash) are replaced
+            remove_volume_files(path)
             StoredBackend.create(path, size).close()
             row = self._row(name)
             self._serve(row)
@@ -227,9 +229,9 @@ class VolumeService:
             self._forget(name, target_iqn)
             if exc.errno == errno.EFBIG:
                 raise InvalidRequest(
-                    f"the file system under {self.volume_dir} cannot hold a {size}-byte file "
-                    "(ext4 stops just below 16 TiB): create a smaller volume or put the data "
-                    "directory on XFS") from None
+                    f"the file system under {self.volume_dir} cannot hold a file of "
+                    f"{min(size, SEGMENT_BYTES)} bytes: create a smaller volume or put the data "
+                    "directory on ext4 or XFS") from None
             raise ApplianceError(f"cannot create {path}: {exc.strerror or exc}: check the "
                                  "data directory's space and permissions",
                                  code="InternalServerError") from None
@@ -333,10 +335,7 @@ class VolumeService:
             except OSError:
                 used = 0
         else:
-            try:
-                used = os.stat(self._path(row["name"])).st_blocks * 512
-            except OSError:
-                used = 0
+            used = allocated_bytes(self._path(row["name"]))
         return {
             "name": row["name"], "type": row["type"], "size_bytes": row["size_bytes"],
             "status": row["status"], "target_iqn": row["target_iqn"], "lun": row["lun"],
@@ -376,10 +375,7 @@ class VolumeService:
     def _forget(self, name: str, target_iqn: str) -> None:
         """Remove every trace of a volume: target, file, auth row, volume row."""
         self._unserve(name)
-        try:
-            self._path(name).unlink()
-        except FileNotFoundError:
-            pass
+        remove_volume_files(self._path(name))
         db = self.catalog.db
         with db.conn:
             db.conn.execute("BEGIN IMMEDIATE")

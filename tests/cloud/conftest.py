@@ -144,7 +144,7 @@ class Harness:
         return self.kind != "local"
 
 
-SMALL_PARTS = {"part_size": 5 * MiB, "max_concurrency": 4}
+SMALL_PART_SIZE = 5 * MiB  # S3 minimum: multipart tests stay small
 
 
 @pytest.fixture
@@ -161,7 +161,9 @@ def moto_s3(boto_session: Any) -> Iterator[Any]:
     from vtl.cloud.s3 import S3Store
 
     with mock_aws():
-        store = S3Store("vtl-test", "gw1/", max_attempts=2, session=boto_session, **SMALL_PARTS)
+        store = S3Store(
+            "vtl-test", "gw1/", max_attempts=2, session=boto_session, part_size=SMALL_PART_SIZE, max_concurrency=4
+        )
         store.ensure_bucket()
         yield store
         state_manager.unset_transition("s3::keyrestore")
@@ -180,10 +182,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     if kind == "local":
         clock = ManualClock()
         local = LocalStore(tmp_path / "store", clock=clock)
+
+        def finish_local() -> None:
+            clock.advance(timedelta(hours=13))  # past the longest Standard restore (12 h)
+
         yield Harness(
             local,
             kind,
-            finish_restores=lambda: clock.advance(timedelta(hours=13)),
+            finish_restores=finish_local,
             hold_restore=lambda key: None,  # the clock alone keeps it ongoing
             extras={"clock": clock},
         )
@@ -213,7 +219,8 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
         connect_timeout=2,
         read_timeout=10,
         session=request.getfixturevalue("boto_session"),
-        **SMALL_PARTS,
+        part_size=SMALL_PART_SIZE,
+        max_concurrency=4,
     )
     remote.ensure_bucket()
     yield Harness(remote, kind, finish_restores=lambda: None, hold_restore=None, extras={"server": server})

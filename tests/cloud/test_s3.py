@@ -227,6 +227,8 @@ def _client_error(code: str, status: int) -> ClientError:
 def test_error_mapping(moto_s3: S3Store, exc: Exception, expected: type[StoreError]) -> None:
     mapped = moto_s3._map(exc, "Op", "k")
     assert type(mapped) is expected
+    assert mapped.retryable is (expected is StoreUnavailable)
+    assert mapped.to_json()["code"]  # surfaces through the control API like any ApplianceError
 
 
 def test_parse_restore_header() -> None:
@@ -243,3 +245,21 @@ def test_bad_construction() -> None:
         S3Store("b", part_size=1 * MiB)
     with pytest.raises(StoreError):
         S3Store("")
+
+
+def test_full_reads_are_verified(moto_s3: S3Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = moto_s3
+    s.put_object("k", b"good data")
+    seen: list[str] = []
+    real_verify = s._verify
+
+    def spy(key: str, data: bytes, resp: Any) -> None:
+        seen.append(resp.get("ChecksumCRC32C", ""))
+        real_verify(key, data, resp)
+
+    monkeypatch.setattr(s, "_verify", spy)
+    assert s.get_object("k") == b"good data"
+    assert seen and seen[0]  # the server reported a checksum and it matched
+    with pytest.raises(StoreError) as exc:
+        real_verify("k", b"evil data", {"ChecksumCRC32C": seen[0]})
+    assert exc.value.code == "BadDigest"

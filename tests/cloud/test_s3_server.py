@@ -80,3 +80,14 @@ def test_outage_is_reported_promptly_and_recovered(own_server: MotoServer, boto_
     s.put_file("tapes/T/seg", path)
     assert s.get_object("tapes/T/seg", byte_range=(0, 99)) == data[:100]
     assert s.list_multipart_uploads() == []
+
+
+def test_open_store_from_s3_url(moto_server: MotoServer, boto_session: Any) -> None:
+    from vtl.cloud.store import open_store
+
+    store = open_store(f"s3://vtl-url/appliance?endpoint={moto_server.url}", session=boto_session, max_attempts=2)
+    assert isinstance(store, S3Store) and store.prefix == "appliance/"
+    store.ensure_bucket()
+    store.put_object("k", b"via url")
+    assert store.get_object("k") == b"via url"
+    assert store._client.head_object(Bucket="vtl-url", Key="appliance/k")["ContentLength"] == 7

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import dataclass, field
 
 from vtl.iscsi import pdu as P
 from vtl.iscsi.connection import IscsiConnection
+from vtl.iscsi.server import IscsiServer
 from vtl.iscsi.target import IscsiTarget, TargetAuth, Targets
 from vtl.iscsi.text import decode_text, encode_text
 
@@ -14,6 +17,7 @@ from tests.iscsi.fakedisk import FakeDisk
 TARGET = "iqn.2026-11.org.vtl.test:disk"
 INITIATOR = "iqn.2026-11.org.vtl.test:initiator"
 ISID = 0x23D000000001
+HANG_GUARD = 120  # seconds; only to turn a hang into a failure, never a timing assertion
 
 
 def make_registry(auth: TargetAuth | None = None, disk: FakeDisk | None = None) -> Targets:
@@ -91,3 +95,27 @@ class Initiator:
                                    data=data))
         self.cmdsn += 1
         return itt
+
+
+class ServerThread:
+    """Runs IscsiServer in its own event loop thread."""
+
+    def __init__(self, registry: Targets) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.server = IscsiServer(registry, "127.0.0.1", 0, nop_interval=5.0)
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> "ServerThread":
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(HANG_GUARD)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(HANG_GUARD)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(HANG_GUARD)
+        self.loop.close()
+
+    @property
+    def portal(self) -> str:
+        return f"127.0.0.1:{self.server.port}"

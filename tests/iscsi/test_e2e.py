@@ -3,55 +3,28 @@ Python initiator speaking over a real socket."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
 import socket
 import struct
 import subprocess
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from vtl.iscsi import pdu as P
-from vtl.iscsi.server import IscsiServer
 from vtl.iscsi.target import ChapCredentials, IscsiTarget, TargetAuth, Targets
 from vtl.iscsi.text import decode_text, encode_text
 
 from tests.iscsi.fakedisk import BLOCK, FakeDisk
+from tests.iscsi.helpers import HANG_GUARD, ServerThread
 
 pytestmark = pytest.mark.integration
 
 DISK = "iqn.2026-11.org.vtl.e2e:disk"
 CHAP = "iqn.2026-11.org.vtl.e2e:chap"
 ACL = "iqn.2026-11.org.vtl.e2e:acl"
-HANG_GUARD = 120  # seconds; only to turn a hang into a failure, never a timing assertion
-
-
-class ServerThread:
-    """Runs IscsiServer in its own event loop thread."""
-
-    def __init__(self, registry: Targets) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.server = IscsiServer(registry, "127.0.0.1", 0, nop_interval=5.0)
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "ServerThread":
-        self.thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(HANG_GUARD)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(HANG_GUARD)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(HANG_GUARD)
-        self.loop.close()
-
-    @property
-    def portal(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
 
 
 @pytest.fixture(scope="module")
@@ -259,3 +232,20 @@ def test_session_reinstatement_closes_the_old_session(server: ServerThread,
     assert isinstance(rsp, P.ScsiResponsePdu) and rsp.itt == itt and rsp.status == 0
     first.close()
     second.close()
+
+
+def test_unanswered_nop_in_pings_drop_the_connection(disks: dict[str, FakeDisk]) -> None:
+    reg = Targets()
+    disk = FakeDisk()
+    reg.add(IscsiTarget(DISK, disk))
+    st = ServerThread(reg)
+    st.server.nop_interval, st.server.nop_timeout = 0.05, 0.1
+    with st:
+        ini = SocketInitiator(st.server.port)
+        ini.login([("InitiatorName", "iqn.2026-11.org.vtl.e2e:silent"), ("TargetName", DISK)])
+        ping = ini.recv()  # we never answer it
+        assert isinstance(ping, P.NopIn) and ping.ttt != P.RESERVED_TAG
+        while ini.sock.recv(4096):
+            pass  # further pings, then the server closes the connection
+        ini.close()
+    assert disk.lost == ["iqn.2026-11.org.vtl.e2e:silent,i,0x800000000042"]

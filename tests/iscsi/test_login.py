@@ -6,6 +6,8 @@ import base64
 import hashlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vtl.iscsi.errors import LoginStatus
 from vtl.iscsi.login import LoginMachine, SessionType, chap_response
@@ -237,3 +239,30 @@ def test_discovery_chap_from_registry() -> None:
     rsp = m.receive(LoginRequest(csg=0, nsg=3, transit=True, isid=ISID, data=encode_text(
         [("CHAP_N", "disc"), ("CHAP_R", "0x" + r.hex())])))
     assert rsp.status == 0 and m.done and m.session_type is SessionType.DISCOVERY
+
+
+_KEYS = ["InitiatorName", "TargetName", "SessionType", "AuthMethod", "CHAP_A", "CHAP_I",
+         "CHAP_C", "CHAP_N", "CHAP_R", "HeaderDigest", "MaxBurstLength", "InitialR2T",
+         "TargetPortalGroupTag", "X-foo", "MaxRecvDataSegmentLength", "ErrorRecoveryLevel"]
+_VALUES = ["", "None", "CHAP", "CHAP,None", "5", "0x00", "0bAAAA", "Yes", "No", "1", "0",
+           "99999999999", "Normal", "Discovery", INITIATOR, TARGET, "alice", "0x" + "ab" * 16]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans(), st.integers(0, 3), st.integers(0, 3),
+                          st.lists(st.tuples(st.sampled_from(_KEYS), st.sampled_from(_VALUES)),
+                                   max_size=6)), max_size=6),
+       st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_fuzz_login_sequences(steps: list, with_chap: bool) -> None:
+    m = LoginMachine(make_registry(CHAP if with_chap else None), tsih=3,
+                     random_bytes=counting_bytes)
+    for transit, cont, csg, nsg, keys in steps:
+        rsp = m.receive(LoginRequest(transit=transit, cont=cont, csg=csg, nsg=nsg, isid=ISID,
+                                     data=encode_text(keys)))
+        assert isinstance(rsp, LoginResponse)
+        assert (rsp.status != 0) == m.failed
+        if m.done:
+            assert rsp.transit and rsp.nsg == 3 and rsp.tsih == 3
+            assert not with_chap or m._auth_done
+        if m.failed or m.done:
+            break

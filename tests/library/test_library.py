@@ -279,3 +279,23 @@ def test_move_out_of_a_drive_held_by_prevent_is_53_02(catalog: Catalog, tmp_path
     assert scsi(targets, drive0, bytes([0x1E, 0, 0, 0, 0, 0])).ok  # ALLOW
     assert move(targets, 0x0100, 0x1000).ok
     assert q.get_tape(catalog.db, "VT0000001")["element_address"] == 0x1000
+
+
+def test_shrunk_element_map_rehomes_tapes_into_free_slots(catalog: Catalog, tmp_path: Path) -> None:
+    """Restarting with fewer slots must not lose tapes: they move to free slots, not off-line."""
+    lib, _ = make(catalog, tmp_path)
+    lib.ops()["CreateTapes"]({"prefix": "RH", "count": 4, "size_bytes": 100 * GiB})
+    lib.close()
+    small = ElementLayout(drives=10, storage=3, import_export=1)
+    lib, _ = make(catalog, tmp_path, layout=small)
+    tapes = lib.ops()["ListTapes"]({})["tapes"]
+    assert sorted(t["location"]["type"] for t in tapes) == ["ie", "slot", "slot", "slot"]
+    addresses = {t["location"]["address"] for t in tapes}
+    assert len(addresses) == 4
+    lib.close()
+    tiny = ElementLayout(drives=10, storage=1, import_export=1)
+    lib, _ = make(catalog, tmp_path, layout=tiny)
+    placed = [t for t in lib.ops()["ListTapes"]({})["tapes"] if t["location"]["type"] != "shelf"]
+    assert len(placed) == 2  # the other two wait off-line; the catalog still has all four
+    assert len(lib.ops()["ListTapes"]({})["tapes"]) == 4
+    lib.close()

@@ -347,3 +347,20 @@ def test_failed_file_creation_leaves_nothing(svc: VolumeService, tmp_path: Path,
         call(svc, "CreateStorediSCSIVolume", name="x", size_bytes=GIB)
     assert err.value.code == "InternalServerError"
     assert call(svc, "ListVolumes") == []
+
+
+def test_sixteen_tib_volume_on_this_file_system(svc: VolumeService, targets: Targets,
+                                                tmp_path: Path) -> None:
+    """AWS's largest stored volume; ext4 cannot hold it in one file, so it takes two."""
+    vol = call(svc, "CreateStorediSCSIVolume", name="max", size_bytes=16 * TIB)
+    assert vol["size_bytes"] == 16 * TIB  # type: ignore[index]
+    assert (tmp_path / "volumes" / "max.img.1").exists()
+    dev = lu0(targets, "max")
+    clear_ua(dev)
+    from tests.volumes.helpers import cdb16, read_capacity16
+    last = int.from_bytes(bytes(run(dev, read_capacity16()).data_in)[:8], "big")
+    assert last == 16 * TIB // 512 - 1
+    assert run(dev, cdb16(0x8A, last, 1), b"\x77" * 512).ok
+    assert bytes(run(dev, cdb16(0x88, last, 1)).data_in) == b"\x77" * 512
+    call(svc, "DeleteVolume", name="max")
+    assert list((tmp_path / "volumes").iterdir()) == []

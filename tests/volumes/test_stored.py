@@ -139,3 +139,64 @@ def test_block_device_semantics_match_memory_backend(vol: StoredBackend) -> None
         assert run(dev, cdb10(0x41, 8, 8, 0x08), bytes(512)).ok
         assert run(dev, cdb10(0x41, 40, 4), b"\x11" * 512).ok
     assert vol.read(0, 64 * 512) == mem.read(0, 64 * 512)
+
+
+@pytest.fixture
+def small_segments(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(stored, "SEGMENT_BYTES", MIB)
+    return MIB
+
+
+def test_large_volumes_span_segment_files(tmp_path: Path, small_segments: int) -> None:
+    path = tmp_path / "big.img"
+    b = StoredBackend.create(path, 2 * MIB + 4096)
+    assert [p.name for p in stored.segment_paths(path)] == ["big.img", "big.img.1", "big.img.2"]
+    assert [p.stat().st_size for p in stored.segment_paths(path)] == [MIB, MIB, 4096]
+    assert b.size == stored.stored_size(path) == 2 * MIB + 4096
+    data = os.urandom(MIB + MIB // 2 + 2048)
+    b.write(MIB // 2, data)  # spans all three segments
+    assert b.read(MIB // 2, len(data)) == data
+    assert (tmp_path / "big.img.1").read_bytes() == data[MIB // 2:MIB // 2 + MIB]
+    assert (tmp_path / "big.img.2").read_bytes()[:2048] == data[-2048:]
+    b.discard(MIB - 4096, 8192)  # across the first boundary
+    assert b.read(MIB - 4096, 8192) == bytes(8192)
+    runs = b.extents(0, b.size)
+    assert sum(n for _, n, _ in runs) == b.size
+    assert (MIB - 4096, 8192, False) in runs
+    assert all(a[2] != c[2] for a, c in zip(runs, runs[1:]))  # coalesced across files
+    b.flush()
+    b.close()
+    with StoredBackend(path) as again:
+        assert again.size == 2 * MIB + 4096
+        assert again.read(MIB // 2, 100) == data[:100]
+    assert stored.allocated_bytes(path) > 0
+    stored.remove_volume_files(path)
+    assert stored.segment_paths(path) == [] and stored.stored_size(path) is None
+
+
+def test_failed_create_removes_its_segments(tmp_path: Path, small_segments: int) -> None:
+    (tmp_path / "x.img.1").write_bytes(b"in the way")
+    with pytest.raises(FileExistsError):
+        StoredBackend.create(tmp_path / "x.img", 3 * MIB)
+    assert not (tmp_path / "x.img").exists()
+    assert (tmp_path / "x.img.1").read_bytes() == b"in the way"
+
+
+def test_wrong_segment_size_is_refused(tmp_path: Path, small_segments: int) -> None:
+    path = tmp_path / "y.img"
+    StoredBackend.create(path, 2 * MIB).close()
+    os.truncate(path, MIB // 2)
+    with pytest.raises(OSError):
+        StoredBackend(path)
+
+
+def test_block_device_over_segments(tmp_path: Path, small_segments: int) -> None:
+    b = StoredBackend.create(tmp_path / "z.img", 3 * MIB)
+    dev = BlockDevice(b, serial="S")
+    clear_ua(dev)
+    lba = MIB // 512 - 2
+    assert run(dev, write10(lba, 4), b"\x5a" * 2048).ok
+    assert bytes(run(dev, cdb10(0x28, lba, 4)).data_in) == b"\x5a" * 2048
+    assert run(dev, cdb10(0x41, lba, 4, 0x08), bytes(512)).ok
+    assert bytes(run(dev, cdb10(0x28, lba, 4)).data_in) == bytes(2048)
+    b.close()

@@ -42,7 +42,7 @@ MAX_KEY_BYTES = 1024
 MAX_METADATA_BYTES = 2048  # S3's limit for the user-defined metadata of one object
 
 ProgressCallback = Callable[[int], None]
-"""Called with the cumulative number of bytes stored so far (possibly from worker threads)."""
+"""Called from the calling thread with the cumulative number of bytes stored so far."""
 
 ByteRange = tuple[int, int]
 """``(first, last)`` byte offsets, both inclusive, like an HTTP ``Range: bytes=first-last``."""
@@ -55,6 +55,8 @@ class StoreError(ApplianceError):
     """An object store request failed for a reason a retry will not fix."""
 
     code = "StoreError"
+    retryable = False
+    """True for errors a later retry of the same request may cure (StoreUnavailable)."""
 
     def __init__(self, message: str, *, code: str | None = None, key: str | None = None) -> None:
         super().__init__(message, code=code)
@@ -81,6 +83,7 @@ class StoreUnavailable(StoreError):
     """
 
     code = "StoreUnavailable"
+    retryable = True
 
 
 class InvalidKey(StoreError):
@@ -182,7 +185,7 @@ class ObjectInfo:
     etag: str
     storage_class: StorageClass
     last_modified: datetime
-    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     checksum: Checksum | None = None
     restore: Restore | None = None
     server_side_encryption: str | None = None
@@ -410,8 +413,8 @@ def parse_store_url(url: str) -> StoreUrl:
         unknown = set(query) - {"endpoint", "endpoint_url", "region"}
         if unknown:
             raise StoreError(f"store URL {url!r}: unknown option(s) {sorted(unknown)}", code="InvalidArgument")
-        endpoint = (query.get("endpoint") or query.get("endpoint_url") or [None])[0]
-        region = (query.get("region") or [None])[0]
+        endpoint = (query.get("endpoint") or query.get("endpoint_url") or [""])[0] or None
+        region = (query.get("region") or [""])[0] or None
         return StoreUrl("s3", bucket=bucket, prefix=prefix, endpoint_url=endpoint, region=region)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):

@@ -11,19 +11,19 @@ Invariants:
   kept in the catalog's settings; target names derive from it, so it never changes.
 - Services expose ``start()``, ``close()`` and ``ops() -> {name: fn(args) -> JSON-able}``; every
   op is registered into the control API under its AWS Storage Gateway name.
-- Services written by others are imported when present (a missing module is logged, not fatal),
-  so the appliance runs with whatever parts exist.
+- The library's element counts and changer type come from ``LibraryOptions`` (``vtl serve``
+  flags); the changer type, once set, is kept in the catalog.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
-import importlib
 import logging
 import os
 import secrets
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -31,16 +31,16 @@ import vtl
 from catalog.db import Catalog, open_catalog
 from vtl.engine.control import ControlServer
 from vtl.errors import ApplianceError
+from vtl.iscsi.server import IscsiServer
 from vtl.iscsi.target import Targets
+from vtl.library.elements import ElementLayout
+from vtl.library.library import Library
+from volumes.service import VolumeService
 
 log = logging.getLogger(__name__)
 
 #: Subdirectories of the data directory (catalog.db and control.sock sit beside them).
 LAYOUT = ("cache", "store", "volumes")
-
-#: Where VolumeService may live; the first module that defines it wins.
-_VOLUME_SERVICE_MODULES = ("volumes.service", "volumes.gateway", "volumes.stored", "volumes")
-
 
 class Service(Protocol):
     """What the supervisor needs from a gateway service (volumes, tape library, ...)."""
@@ -52,31 +52,30 @@ class Service(Protocol):
     def ops(self) -> dict[str, Any]: ...
 
 
-def _import_optional(module_name: str, attr: str) -> Any | None:
-    """``module_name.attr`` if that module exists; None (logged) if it does not exist yet.
-
-    An ImportError raised *inside* an existing module is a bug and propagates.
-    """
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name == exc.name
-                                     or module_name.startswith(exc.name + ".")):
-            return None
-        raise
-    return getattr(module, attr, None)
-
-
 def new_gateway_id() -> str:
     """A fresh AWS-like gateway id, e.g. ``sgw-1A2B3C4D``."""
     return "sgw-" + secrets.token_hex(4).upper()
+
+
+@dataclass(frozen=True, slots=True)
+class LibraryOptions:
+    """How the tape library is laid out (FACTS.md: counts must be configurable)."""
+
+    changer_type: str | None = None  # None: keep the catalog's setting (default STK-L700)
+    storage_slots: int = 1600
+    ie_slots: int = 1600
+
+    def layout(self) -> ElementLayout:
+        return ElementLayout(storage=self.storage_slots, import_export=self.ie_slots)
 
 
 class Appliance:
     """One appliance serving one data directory on one iSCSI portal."""
 
     def __init__(self, data_dir: Path, listen: tuple[str, int], *,
-                 authority: str = vtl.DEFAULT_IQN_AUTHORITY) -> None:
+                 authority: str = vtl.DEFAULT_IQN_AUTHORITY,
+                 library: LibraryOptions | None = None) -> None:
+        self.library_options = library or LibraryOptions()
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.listen = listen
         self.authority = authority
@@ -87,7 +86,7 @@ class Appliance:
         self.control = ControlServer(self.data_dir / "control.sock")
         self.services: list[tuple[str, Service]] = []
         self._lock_file: IO[str] | None = None
-        self._iscsi: Any | None = None
+        self._iscsi: IscsiServer | None = None
         self._stopping = False
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -126,14 +125,10 @@ class Appliance:
 
         # Bind the portal before starting services: a busy port fails fast, and the registry
         # is live, so targets the services add are served as soon as they are registered.
-        server_cls = _import_optional("vtl.iscsi.server", "IscsiServer")
         host, port = self.listen
-        if server_cls is None:
-            log.warning("vtl.iscsi.server is not available: no iSCSI portal is served")
-        else:
-            self._iscsi = server_cls(self.targets, host, port)
-            await self._iscsi.start()
-            self.iscsi_port = getattr(self._iscsi, "port", port)
+        self._iscsi = IscsiServer(self.targets, host, port)
+        await self._iscsi.start()
+        self.iscsi_port = self._iscsi.port
 
         self._start_services(self.catalog)
         self.control.register("DescribeGatewayInformation", self._describe_gateway)
@@ -213,26 +208,13 @@ class Appliance:
         return gateway_id
 
     def _start_services(self, catalog: Catalog) -> None:
-        volume_cls = None
-        for module_name in _VOLUME_SERVICE_MODULES:
-            volume_cls = _import_optional(module_name, "VolumeService")
-            if volume_cls is not None:
-                break
-        if volume_cls is None:
-            log.warning("VolumeService is not available: no volume operations")
-        else:
-            self._add_service("volumes", volume_cls(catalog, self.data_dir, self.targets,
-                                                    self.authority))
-        try:
-            library_cls = _import_optional("vtl.library.library", "Library")
-        except ImportError as exc:  # the library is being written alongside; do not block volumes
-            log.error("tape library disabled: vtl.library.library cannot be imported: %s", exc)
-            library_cls = None
-        if library_cls is None:
-            log.warning("vtl.library.library is not available: no tape library")
-        else:
-            self._add_service("library", library_cls(catalog, self.data_dir, self.targets,
-                                                     self.authority, self.gateway_id))
+        self._add_service("volumes", VolumeService(catalog, self.data_dir, self.targets,
+                                                   self.authority))
+        opts = self.library_options
+        self._add_service("library", Library(catalog, self.data_dir, self.targets,
+                                             self.authority, self.gateway_id,
+                                             changer_type=opts.changer_type,
+                                             layout=opts.layout()))
 
     def _add_service(self, name: str, service: Service) -> None:
         service.start()

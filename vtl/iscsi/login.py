@@ -150,8 +150,11 @@ class LoginMachine:
         try:
             return self._receive(req)
         except LoginError as err:
+            log.info("login of %s refused (%s): %s", self.initiator_name or "?",
+                     err.status.name, err)
             return self.fail(req, err.status)
-        except TextError:
+        except TextError as err:
+            log.info("login of %s refused: bad text: %s", self.initiator_name or "?", err)
             return self.fail(req, LoginStatus.INITIATOR_ERROR)
 
     # --- internals -----------------------------------------------------------------------------

@@ -11,6 +11,8 @@ Invariants:
   framing layer, never by a PDU class.
 - :class:`PduReader` checks every length against the negotiated MaxRecvDataSegmentLength before
   buffering, and every digest; a violation raises :class:`PduError`, never a silent truncation.
+- Large data segments can be placed straight into their final buffer (``PduReader.placer``),
+  so Data-Out data is copied once on its way from the socket to the task buffer.
 """
 
 from __future__ import annotations

@@ -113,11 +113,16 @@ class _IscsiProtocol(asyncio.Protocol):
         self._arm_timer()
 
     def _arm_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Keep one timer no later than the connection's next deadline. Deadlines mostly move
+        later (every received byte postpones the NOP ping), so an early timer is kept: it
+        fires, finds nothing due, and re-arms. That avoids a cancel+schedule per read."""
         conn = self.conn
         deadline = conn.next_deadline() if conn is not None else None
+        if self._timer is not None:
+            if deadline is not None and self._timer.when() <= deadline:
+                return
+            self._timer.cancel()
+            self._timer = None
         if deadline is not None:
             self._timer = self.loop.call_at(deadline, self._on_timer)
 

@@ -97,6 +97,25 @@ class Library:
         self.changer: MediaChanger | None = None
         self.drives: list[TapeDrive] = []
 
+    def _rehome(self, orphans: list[Any], contents: dict[int, Medium]) -> None:
+        """Tapes whose element no longer exists go to the first free storage (else I/E) slot."""
+        free = [a for kind in (ElementType.STORAGE, ElementType.IMPORT_EXPORT)
+                for a in self.layout.addresses(kind) if a not in contents]
+        for row in orphans:
+            if not free:
+                log.error("no free slot for tape %s (element 0x%04x is gone); it stays off-line "
+                          "until slots are added", row["barcode"], row["element_address"])
+                q.update_tape(self.db, row["barcode"], element_address=None)
+                continue
+            address = free.pop(0)
+            log.warning("tape %s: element 0x%04x no longer exists; placed in element 0x%04x",
+                        row["barcode"], row["element_address"], address)
+            q.update_tape(self.db, row["barcode"], element_address=address,
+                          source_address=address)
+            contents[address] = Medium(
+                barcode=row["barcode"], source=address, worm=bool(row["worm"]),
+                imported=row["status"] != TapeStatus.IN_TRANSIT_TO_VTS.value)
+
     # --- names ----------------------------------------------------------------------------
     @property
     def changer_iqn(self) -> str:
@@ -127,13 +146,12 @@ class Library:
         self.drives = [TapeDrive(index=i, serial=serials[i], device_name=self.drive_iqn(i))
                        for i in range(self.layout.drives)]
         contents: dict[int, Medium] = {}
+        orphans: list[Any] = []
         for row in q.tapes_in_elements(self.db):
             address = row["element_address"]
             kind = self.layout.type_of(address)
             if kind is None or kind == ElementType.MEDIUM_TRANSPORT:
-                log.error("tape %s at element 0x%04x outside the element map; moved to the shelf",
-                          row["barcode"], address)
-                q.update_tape(self.db, row["barcode"], element_address=None)
+                orphans.append(row)  # the element map shrank (vtl serve --slots/--ie-slots)
                 continue
             contents[address] = Medium(
                 barcode=row["barcode"], source=row["source_address"], worm=bool(row["worm"]),
@@ -146,6 +164,7 @@ class Library:
                 except (SenseError, OSError, ValueError) as exc:
                     log.error("cannot reload tape %s into drive %d: %s", row["barcode"],
                               self.layout.drive_index(address), exc)
+        self._rehome(orphans, contents)
         self.changer = MediaChanger(
             identity=identity,
             serial=changer_serial(self.gateway_id),
