@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import socket
 
 from vtl.iscsi.connection import ConnectionClosed, IscsiConnection, LoginCompleted
@@ -22,6 +23,21 @@ log = logging.getLogger("vtl.iscsi")
 
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
+#: sendmsg takes at most IOV_MAX buffers; larger batches go through the transport.
+MAX_IOV = 512
+
+
+def _skip(buffers: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """The part of ``buffers`` after the first ``sent`` bytes, without copying."""
+    rest: list[bytes | memoryview] = []
+    for buf in buffers:
+        n = len(buf)
+        if sent >= n:
+            sent -= n
+            continue
+        rest.append(memoryview(buf)[sent:] if sent else buf)
+        sent = 0
+    return rest
 
 
 class _IscsiProtocol(asyncio.Protocol):
@@ -37,6 +53,9 @@ class _IscsiProtocol(asyncio.Protocol):
         self._paused = False
         self._closing = False
         self.session_key: tuple[str, int, str] | None = None
+        # A duplicate of the connection's descriptor for gathered sends (sendmsg): asyncio 3.11's
+        # writelines joins every buffer into one bytes object, a full copy of each Data-In.
+        self._sock: socket.socket | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -46,6 +65,8 @@ class _IscsiProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is not None:
+            self._sock = socket.socket(fileno=os.dup(sock.fileno()))
         local = transport.get_extra_info("sockname") or (self.server.host, self.server.port)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
@@ -83,6 +104,9 @@ class _IscsiProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -102,7 +126,7 @@ class _IscsiProtocol(asyncio.Protocol):
         assert conn is not None and transport is not None
         out = conn.data_to_send()
         if out:
-            transport.writelines(out)
+            self._write(transport, out)
         for ev in events:
             if isinstance(ev, LoginCompleted):
                 self.server._login_completed(self, ev)
@@ -111,6 +135,24 @@ class _IscsiProtocol(asyncio.Protocol):
             transport.close()  # flushes buffered output first
             return
         self._arm_timer()
+
+    def _write(self, transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
+        """Send ``out`` with one gathered sendmsg when nothing is queued before it; only what
+        the kernel did not take is handed to the transport (and copied there)."""
+        sock = self._sock
+        if sock is None or transport.get_write_buffer_size() or len(out) > MAX_IOV:
+            transport.writelines(out)
+            return
+        try:
+            sent = sock.sendmsg(out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            transport.writelines(out)  # the transport reports the error through connection_lost
+            return
+        rest = _skip(out, sent)
+        if rest:
+            transport.writelines(rest)
 
     def _arm_timer(self) -> None:
         """Keep one timer no later than the connection's next deadline. Deadlines mostly move
