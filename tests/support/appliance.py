@@ -136,6 +136,31 @@ class ApplianceProcess:
             self.proc.wait(10)
 
     @property
+    def pid(self) -> int | None:
+        """The PID of the running ``vtl serve`` process (None when not started)."""
+        return self.proc.pid if self.proc is not None else None
+
+    def kill9(self) -> int:
+        """Crash the appliance: SIGKILL its process (by PID), reap it; return the old PID.
+
+        The data dir is left exactly as the dead process left it; ``restart()`` serves it again.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError("vtl serve is not running")
+        pid = self.proc.pid
+        os.kill(pid, signal.SIGKILL)
+        self.proc.wait(10)
+        self.proc = None
+        return pid
+
+    def restart(self) -> "ApplianceProcess":
+        """Start again on the same data dir (after ``stop()`` or ``kill9()``); a new port."""
+        if self.running:
+            raise RuntimeError("vtl serve is still running; stop() or kill9() it first")
+        self.proc = None
+        return self.start()
+
+    @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
