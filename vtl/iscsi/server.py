@@ -14,8 +14,11 @@ import itertools
 import logging
 import socket
 
-from vtl.iscsi.connection import ConnectionClosed, IscsiConnection, LoginCompleted
-from vtl.iscsi.login import TargetSettings
+import os
+from typing import Protocol
+
+from vtl.iscsi.connection import ConnectionClosed, IscsiConnection, LoginCompleted, SessionState
+from vtl.iscsi.login import SessionType, TargetSettings
 from vtl.iscsi.target import TargetRegistry
 
 log = logging.getLogger("vtl.iscsi")
@@ -24,11 +27,33 @@ WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
 
 
-class _IscsiProtocol(asyncio.Protocol):
-    """Glue between one socket and one :class:`IscsiConnection`."""
+class Handoff(Protocol):
+    """Where Normal sessions of some targets go after login (the process-pool engine).
 
-    def __init__(self, server: "IscsiServer") -> None:
+    ``wants(target_name)`` is asked when a login completes; if true, the connection is detached
+    and ``take(fd, state, to_send, received)`` gets a duplicate of the socket's descriptor
+    (the callee owns and closes it), the session state, the final Login Response not yet sent
+    and any bytes received after it. ``take`` must not raise.
+    """
+
+    def wants(self, target_name: str) -> bool: ...
+
+    def take(self, fd: int, state: SessionState, to_send: bytes, received: bytes) -> None: ...
+
+
+class _IscsiProtocol(asyncio.BufferedProtocol):
+    """Glue between one socket and one :class:`IscsiConnection`.
+
+    A BufferedProtocol: the event loop reads with ``recv_into`` straight into the buffer the
+    connection names (the data buffer of the command being received, for payload), so a block
+    is copied once, by the kernel, on its way in.
+    """
+
+    def __init__(self, server: "IscsiServer", resumed: IscsiConnection | None = None,
+                 to_send: bytes = b"", received: bytes = b"") -> None:
         self.server = server
+        self._resumed = resumed
+        self._initial = (to_send, received)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn: IscsiConnection | None = None
@@ -50,6 +75,9 @@ class _IscsiProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         s = self.server
+        if self._resumed is not None:
+            self._adopted(transport)
+            return
         self.conn = IscsiConnection(s.registry, local_address=(local[0], local[1]),
                                     tsih=s._next_tsih(), now=self.loop.time(),
                                     portal_group_tag=s.portal_group_tag, settings=s.settings,
@@ -58,6 +86,43 @@ class _IscsiProtocol(asyncio.Protocol):
         s._protocols.add(self)
         log.debug("connection from %s", self.peer)
         self._arm_timer()
+
+    def _adopted(self, transport: asyncio.Transport) -> None:
+        """A connection logged in by another process continues here (see Handoff)."""
+        conn = self.conn = self._resumed
+        assert conn is not None and conn.target is not None
+        self._resumed = None
+        to_send, received = self._initial
+        self._initial = (b"", b"")
+        self.server._protocols.add(self)
+        lm = conn.login
+        self.server._login_completed(self, LoginCompleted(
+            lm.initiator_name, conn.target.name, lm.session_type, lm.isid, lm.tsih))
+        if to_send:
+            transport.write(to_send)
+        log.debug("adopted connection from %s", self.peer)
+        if received:
+            self.data_received(received)
+        else:
+            self._arm_timer()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        conn = self.conn
+        if conn is None or self._closing or conn.closed:
+            return memoryview(self.server._discard)
+        return conn.receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        if conn is None or self._closing:
+            return
+        try:
+            events = conn.receive_into(nbytes, self.loop.time())
+        except Exception:  # a bug in our state machine must not affect other sessions
+            log.exception("iSCSI connection %s failed", self.peer)
+            self._abort()
+            return
+        self._after(events)
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -101,6 +166,12 @@ class _IscsiProtocol(asyncio.Protocol):
         conn, transport = self.conn, self.transport
         assert conn is not None and transport is not None
         out = conn.data_to_send()
+        handoff = self.server.handoff
+        if handoff is not None and not conn.closed:
+            for ev in events:
+                if isinstance(ev, LoginCompleted) and ev.session_type is SessionType.NORMAL \
+                        and handoff.wants(ev.target_name) and self._hand_off(handoff, out):
+                    return
         if out:
             transport.writelines(out)
         for ev in events:
@@ -111,6 +182,25 @@ class _IscsiProtocol(asyncio.Protocol):
             transport.close()  # flushes buffered output first
             return
         self._arm_timer()
+
+    def _hand_off(self, handoff: Handoff, out: list[bytes | memoryview]) -> bool:
+        """Detach the socket and give it, with the session, to ``handoff``."""
+        transport, conn = self.transport, self.conn
+        assert transport is not None and conn is not None
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size():
+            return False  # (login responses are always sent by now: the initiator waits)
+        state, received = conn.detach()
+        fd = os.dup(sock.fileno())
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport.pause_reading()
+        transport.abort()  # closes our descriptor only: the duplicate keeps the TCP connection
+        log.debug("handing %s (%s) over", self.peer, state.target_name)
+        handoff.take(fd, state, b"".join(out), received)
+        return True
 
     def _arm_timer(self) -> None:
         """Keep one timer no later than the connection's next deadline. Deadlines mostly move
@@ -159,8 +249,13 @@ class IscsiServer:
     def __init__(self, registry: TargetRegistry, host: str = "127.0.0.1", port: int = 3260, *,
                  nop_interval: float | None = 5.0, nop_timeout: float = 15.0,
                  login_timeout: float = 30.0, portal_group_tag: int = 1,
-                 settings: TargetSettings | None = None) -> None:
+                 settings: TargetSettings | None = None, handoff: Handoff | None = None,
+                 max_session_data: int | None = None, recycle_buffers: bool = False) -> None:
         self.registry = registry
+        self.recycle_buffers = recycle_buffers
+        self._discard = bytearray(65536)
+        self.handoff = handoff
+        self.max_session_data = max_session_data
         self.host = host
         self._port = port
         self.nop_interval = nop_interval
@@ -205,6 +300,24 @@ class IscsiServer:
             if not self._protocols:
                 break
             await asyncio.sleep(0)
+
+    async def adopt(self, fd: int, state: SessionState, to_send: bytes = b"",
+                    received: bytes = b"") -> None:
+        """Serve a connection another process logged in (the socket ``fd`` is ours now)."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.setblocking(False)
+            conn = IscsiConnection.resume(self.registry, state, now=loop.time(),
+                                          nop_interval=self.nop_interval,
+                                          nop_timeout=self.nop_timeout,
+                                          max_session_data=self.max_session_data,
+                                          recycle_buffers=self.recycle_buffers)
+            await loop.connect_accepted_socket(
+                lambda: _IscsiProtocol(self, conn, to_send, received), sock)
+        except BaseException:
+            sock.close()
+            raise
 
     # --- session table -----------------------------------------------------------------------
     def _next_tsih(self) -> int:

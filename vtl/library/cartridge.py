@@ -129,10 +129,49 @@ class RecordType(enum.IntEnum):
 
 
 class Compression(enum.IntEnum):
-    """Per-record compression (record header ``flags`` bits 0-3). Hook: only NONE is written."""
+    """Per-record compression (record header ``flags`` bits 0-3). NONE and ZSTD are written
+    (ZSTD when the drive's DCE is set and the block shrinks); ZLIB is only read."""
 
     NONE = 0
     ZLIB = 1
+    ZSTD = 2
+
+
+class Squeezer:
+    """Adaptive per-record zstd (level 1): a block is stored compressed only when that saves
+    at least 1/8. After a block that does not compress, the next ``skip`` blocks are stored
+    as they are without trying (``skip`` doubles up to MAX_SKIP while data stays
+    incompressible), so random or already-compressed streams cost almost nothing."""
+
+    MAX_SKIP = 64
+
+    def __init__(self, level: int = 1) -> None:
+        import zstandard  # C extension; imported when a drive first compresses
+
+        self._zc = zstandard.ZstdCompressor(level=level)
+        self._skip = 0
+        self._backoff = 1
+        self.tried = self.kept = 0
+
+    def squeeze(self, data: bytes | memoryview) -> bytes | None:
+        if self._skip:
+            self._skip -= 1
+            return None
+        self.tried += 1
+        out = self._zc.compress(data)
+        if len(out) > len(data) - len(data) // 8:
+            self._skip = self._backoff
+            self._backoff = min(self.MAX_SKIP, self._backoff * 2)
+            return None
+        self._backoff = 1
+        self.kept += 1
+        return out
+
+
+def _unzstd(data: bytes, size: int) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +380,7 @@ class Cartridge:
         self._index_used = 0
         self._closed = False
         self._lock_fd = -1
+        self._squeezer: Squeezer | None = None
 
     def _lock(self) -> None:
         """Exclusive flock on the directory: one writer per cartridge across processes."""
@@ -570,20 +610,34 @@ class Cartridge:
                     data = zlib.decompress(data)
                 except zlib.error as exc:
                     raise MediumCorrupt(f"object {self._pos}: {exc}") from None
+            elif hdr.compression == Compression.ZSTD:
+                try:
+                    data = _unzstd(data, hdr.logical_length)
+                except Exception as exc:  # zstandard.ZstdError
+                    raise MediumCorrupt(f"object {self._pos}: {exc}") from None
             if len(data) != hdr.logical_length:
                 raise MediumCorrupt(f"object {self._pos}: length mismatch")
         self._advance(seg, off + hdr.size)
         return TapeObject(hdr.kind, data)
 
-    def write_block(self, data: bytes | bytearray | memoryview) -> None:
+    def write_block(self, data: bytes | bytearray | memoryview, *, compress: bool = False) -> None:
         """Write one data block at the position (truncating anything after it) and move past it.
+        ``compress``: store it zstd-compressed if that pays (see :class:`Squeezer`).
 
         Raises WormViolation (overwrite on WORM) or VolumeOverflow (nothing written).
         """
         if len(data) > MAX_RECORD:
             raise ValueError("block larger than MAX_RECORD")
         payload = data if isinstance(data, (bytes, memoryview)) else memoryview(data)
-        hdr = RecordHeader(RecordType.DATA, 0, len(payload), len(payload), crc32c(payload))
+        logical = len(payload)
+        comp = Compression.NONE
+        if compress and logical >= 512:
+            if self._squeezer is None:
+                self._squeezer = Squeezer()
+            packed = self._squeezer.squeeze(payload)
+            if packed is not None:
+                payload, comp = packed, Compression.ZSTD
+        hdr = RecordHeader(RecordType.DATA, 0, len(payload), logical, crc32c(payload), comp)
         self._append(hdr, payload)
 
     def write_filemarks(self, count: int) -> None:
