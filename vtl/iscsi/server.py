@@ -25,6 +25,7 @@ log = logging.getLogger("vtl.iscsi")
 
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
+_IOV_MAX = 512  # buffers per writev (Linux allows 1024)
 
 
 class Handoff(Protocol):
@@ -61,6 +62,7 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._closing = False
+        self._fd = -1
         self.session_key: tuple[str, int, str] | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
@@ -71,6 +73,7 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._fd = sock.fileno() if sock is not None else -1
         local = transport.get_extra_info("sockname") or (self.server.host, self.server.port)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
@@ -148,6 +151,7 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
                 self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._fd = -1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -173,7 +177,7 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
                         and handoff.wants(ev.target_name) and self._hand_off(handoff, out):
                     return
         if out:
-            transport.writelines(out)
+            self._write(out)
         for ev in events:
             if isinstance(ev, LoginCompleted):
                 self.server._login_completed(self, ev)
@@ -182,6 +186,33 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
             transport.close()  # flushes buffered output first
             return
         self._arm_timer()
+
+    def _write(self, out: list[bytes | memoryview]) -> None:
+        """Send PDUs with one writev straight from their buffers (a READ's data is not joined
+        into a new bytes object first); only what the socket does not take is handed to the
+        transport, which then keeps the order. Safe because the transport writes only while
+        its own buffer is non-empty, and we go direct only when it is empty."""
+        transport = self.transport
+        assert transport is not None
+        fd = self._fd
+        if fd < 0 or transport.is_closing() or transport.get_write_buffer_size() \
+                or len(out) > _IOV_MAX:
+            transport.writelines(out)
+            return
+        try:
+            sent = os.writev(fd, out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # let the transport meet the error and report it its way
+            transport.writelines(out)
+            return
+        for i, buf in enumerate(out):
+            n = len(buf)
+            if sent < n:
+                rest = [memoryview(buf)[sent:], *out[i + 1:]]
+                transport.write(b"".join(rest))
+                return
+            sent -= n
 
     def _hand_off(self, handoff: Handoff, out: list[bytes | memoryview]) -> bool:
         """Detach the socket and give it, with the session, to ``handoff``."""

@@ -89,6 +89,8 @@ REC_MAGIC = b"VREC"
 _REC_HDR = struct.Struct(">4sBBHQIIII")
 REC_HDR_LEN = 32
 assert _REC_HDR.size == REC_HDR_LEN
+_REC_HDR_BODY = struct.Struct(">4sBBHQIII")  # the header without its own CRC
+assert _REC_HDR_BODY.size == REC_HDR_LEN - 4
 
 IDX_MAGIC = b"VTLTIDX\x00"
 IDX_VERSION = 1
@@ -637,8 +639,7 @@ class Cartridge:
             packed = self._squeezer.squeeze(payload)
             if packed is not None:
                 payload, comp = packed, Compression.ZSTD
-        hdr = RecordHeader(RecordType.DATA, 0, len(payload), logical, crc32c(payload), comp)
-        self._append(hdr, payload)
+        self._append_record(RecordType.DATA, comp, payload, logical, crc32c(payload))
 
     def write_filemarks(self, count: int) -> None:
         """Write ``count`` filemarks (count 0 writes nothing). Durability is the caller's sync()."""
@@ -771,28 +772,38 @@ class Cartridge:
 
     # --- internals: writing ----------------------------------------------------------------------
     def _append(self, hdr: RecordHeader, payload: bytes | memoryview) -> None:
+        self._append_record(hdr.kind, hdr.compression, payload, hdr.logical_length,
+                            hdr.payload_crc)
+
+    def _append_record(self, kind: RecordType, comp: Compression, payload: bytes | memoryview,
+                       logical: int, payload_crc: int) -> None:
+        """Append one record with a single pwritev (header + payload, no copy of the payload).
+        The header is packed here directly: this runs once per block."""
+        stored = len(payload)
         if self._pos < self._count:
             self.check_writable()
             self._truncate(self._pos)
-        if self.would_overflow(len(payload)):
+        if self.would_overflow(stored):
             raise VolumeOverflow(f"{self.used_bytes} of {self.capacity_bytes} bytes used")
         seg, off = self._end()
-        if off > SEG_HDR_LEN and off + REC_HDR_LEN + len(payload) > self.segment_size:
+        size = REC_HDR_LEN + stored
+        if off > SEG_HDR_LEN and off + size > self.segment_size:
             self._seal(seg)
             seg, off = seg + 1, SEG_HDR_LEN
             self._new_segment(seg, self._count)
-        hdr = replace(hdr, obj=self._count)
+        body = _REC_HDR_BODY.pack(REC_MAGIC, kind, comp, 0, self._count, stored, logical,
+                                  payload_crc)
+        head = body + _CRC.pack(crc32c(body))
         fd = self._fd(seg)
-        todo = [hdr.encode(), payload] if payload else [hdr.encode()]
-        written = os.pwritev(fd, todo, off)
-        if written != hdr.size:  # short write (disk full): write the rest plainly
-            rest = (bytes(todo[0]) + bytes(payload))[written:]
+        written = os.pwritev(fd, [head, payload] if stored else [head], off)
+        if written != size:  # short write (disk full): write the rest plainly
+            rest = (head + bytes(payload))[written:]
             while rest:
-                n = os.pwrite(fd, rest, off + hdr.size - len(rest))
+                n = os.pwrite(fd, rest, off + size - len(rest))
                 rest = rest[n:]
-        self._seg_sizes[seg] = off + hdr.size
+        self._seg_sizes[seg] = off + size
         self._dirty.add(seg)
-        self._note_record(hdr.kind, seg, off)
+        self._note_record(kind, seg, off)
         self._pos = self._count
         self._loc = self._end()
 
