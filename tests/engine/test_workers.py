@@ -144,3 +144,19 @@ def test_ten_drives_written_in_parallel_read_back_bit_exact(tmp_path: Path) -> N
                 assert s.read6(size).filemark
     finally:
         assert app.stop() == 0, app.log_tail()
+
+
+def test_header_digests_negotiated_at_login_hold_in_the_worker(tmp_path: Path) -> None:
+    """The supervisor negotiates CRC32C header digests; the worker resumes with them."""
+    app = start(tmp_path / "data", workers=1)
+    size = 300_000  # not a multiple of anything: several Data-Out PDUs and a partial one
+    try:
+        [drive1] = load_tapes(app, 1)
+        with Session((app.portal, drive1, 0), header_digest="crc32c") as s:
+            for n in range(8):
+                s.write6(block(1, n, size)).check()
+            s.rewind().check()
+            for n in range(8):
+                assert s.read6(size).check().data == block(1, n, size)
+    finally:
+        assert app.stop() == 0, app.log_tail()
