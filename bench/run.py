@@ -756,7 +756,7 @@ def append_results(path: Path, table: str, args: argparse.Namespace, elapsed: fl
                f"- options: size {args.size_mb} MiB, only {args.only or 'all'}, peers {args.peers}, "
                f"budget {args.budget_s:.0f} s per figure; run took {elapsed:.0f} s\n"
                f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after "
-               "(above the CPU count the figures are noisy)\n\n{table}\n")
+               "(above the CPU count the figures are noisy)\n\n" f"{table}\n")
     with open(path, "a", encoding="utf-8") as f:
         f.write(header + section)
 

@@ -15,7 +15,8 @@ from vtl.library.identities import CHANGER_TYPES
 
 DRIVE_COLUMNS: list[tuple[str, str]] = [
     ("index", "DRIVE"), ("barcode", "TAPE"), ("bytes_written", "WRITTEN"),
-    ("bytes_read", "READ"), ("target_iqn", "TARGET"),
+    ("bytes_read", "READ"), ("write_rate", "WRITE/s"), ("read_rate", "READ/s"),
+    ("worker", "WORKER"), ("target_iqn", "TARGET"),
 ]
 
 
@@ -40,8 +41,19 @@ def status(as_json: bool, data_dir: Path) -> None:
     click.echo(f"storage slots: {slots.get('full', 0)}/{slots.get('total', 0)} full; "
                f"import/export slots: {ie.get('full', 0)}/{ie.get('total', 0)} full")
     rows = [{**d, "bytes_written": human_bytes(d.get("bytes_written")),
-             "bytes_read": human_bytes(d.get("bytes_read"))} for d in info.get("drives") or []]
+             "bytes_read": human_bytes(d.get("bytes_read")),
+             "write_rate": _rate(d.get("write_bytes_per_s")),
+             "read_rate": _rate(d.get("read_bytes_per_s")),
+             "worker": "-" if d.get("worker") is None else d["worker"]}
+            for d in info.get("drives") or []]
     emit(rows, DRIVE_COLUMNS, False)
+
+
+def _rate(value: Any) -> str:
+    """Bytes per second as MB/s (10^6, like the bench); "-" when unknown."""
+    if value is None:
+        return "-"
+    return f"{value / 1e6:.1f} MB/s"
 
 
 @library.command("set-changer-type")

@@ -55,8 +55,12 @@ class _Listen(click.ParamType):
               show_default=True, help="Storage slots in the library.")
 @click.option("--ie-slots", type=click.IntRange(1, 3328), default=1600, show_default=True,
               help="Import/export slots (new tapes appear there; exporting archives).")
+@click.option("--workers", type=click.IntRange(0, 64), default=None,
+              help="Drive worker processes (a worker serves drives i, i+N, ...); 0 serves every "
+                   "drive in the main process.  [default: one per drive, at most 2 x CPUs]")
 def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str,
-          changer_type: str | None, storage_slots: int, ie_slots: int) -> None:
+          changer_type: str | None, storage_slots: int, ie_slots: int,
+          workers: int | None) -> None:
     """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
     from vtl.engine.supervisor import Appliance, LibraryOptions  # keeps other commands' start-up light
 
@@ -64,7 +68,8 @@ def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level
     try:
         library = LibraryOptions(changer_type=changer_type, storage_slots=storage_slots,
                                  ie_slots=ie_slots)
-        Appliance(data_dir, listen, authority=iqn_authority, library=library).run()
+        Appliance(data_dir, listen, authority=iqn_authority, library=library,
+                  workers=workers).run()
     except ApplianceError as exc:
         raise click.ClickException(exc.message) from None
     except OSError as exc:

@@ -264,7 +264,10 @@ def test_status_reports_drive_counters(catalog: Catalog, tmp_path: Path) -> None
     assert [d["index"] for d in status["drives"]] == list(range(10))
     assert status["drives"][0] == {"index": 0, "target_iqn": lib.drive_iqn(0),
                                    "serial": status["drives"][0]["serial"], "barcode": None,
-                                   "bytes_written": 0, "bytes_read": 0}
+                                   "bytes_written": 0, "bytes_read": 0,
+                                   # live rates and worker come from drive workers only
+                                   "write_bytes_per_s": None, "read_bytes_per_s": None,
+                                   "worker": None, "worker_pid": None}
 
 
 def test_move_out_of_a_drive_held_by_prevent_is_53_02(catalog: Catalog, tmp_path: Path) -> None:

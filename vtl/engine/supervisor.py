@@ -30,6 +30,7 @@ from typing import IO, Any, Protocol
 import vtl
 from catalog.db import Catalog, open_catalog
 from vtl.engine.control import ControlServer
+from vtl.engine.workers import WorkerPool, default_workers
 from vtl.errors import ApplianceError
 from vtl.iscsi.server import IscsiServer
 from vtl.iscsi.target import Targets
@@ -74,8 +75,12 @@ class Appliance:
 
     def __init__(self, data_dir: Path, listen: tuple[str, int], *,
                  authority: str = vtl.DEFAULT_IQN_AUTHORITY,
-                 library: LibraryOptions | None = None) -> None:
+                 library: LibraryOptions | None = None, workers: int | None = None) -> None:
         self.library_options = library or LibraryOptions()
+        drives = self.library_options.layout().drives
+        #: drive worker processes; 0 serves the drives in this process
+        self.workers = default_workers(drives) if workers is None else max(0, min(workers, drives))
+        self.pool: WorkerPool | None = None
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.listen = listen
         self.authority = authority
@@ -126,7 +131,10 @@ class Appliance:
         # Bind the portal before starting services: a busy port fails fast, and the registry
         # is live, so targets the services add are served as soon as they are registered.
         host, port = self.listen
-        self._iscsi = IscsiServer(self.targets, host, port)
+        if self.workers:
+            self.pool = WorkerPool(self.workers,
+                                   log_level=logging.getLevelName(logging.getLogger().level))
+        self._iscsi = IscsiServer(self.targets, host, port, handoff=self.pool)
         await self._iscsi.start()
         self.iscsi_port = self._iscsi.port
 
@@ -136,6 +144,8 @@ class Appliance:
         for name, service in self.services:
             self.control.register_all(service.ops())
         await self.control.start()
+        if self.pool is not None:
+            self.pool.start_monitor()
         log.info("vtl %s gateway %s: iSCSI portal %s:%s, %d target(s), control %s",
                  vtl.__version__, self.gateway_id, host, self.iscsi_port,
                  len(self.targets.targets()), self.control.path)
@@ -161,6 +171,12 @@ class Appliance:
             except Exception:
                 log.exception("closing the %s service failed", name)
         self.services.clear()
+        if self.pool is not None:
+            try:
+                await self.pool.stop()
+            except Exception:
+                log.exception("stopping the drive workers failed")
+            self.pool = None
         if self.catalog is not None:
             self.catalog.close()
             self.catalog = None
@@ -214,7 +230,7 @@ class Appliance:
         self._add_service("library", Library(catalog, self.data_dir, self.targets,
                                              self.authority, self.gateway_id,
                                              changer_type=opts.changer_type,
-                                             layout=opts.layout()))
+                                             layout=opts.layout(), drive_host=self.pool))
 
     def _add_service(self, name: str, service: Service) -> None:
         service.start()
@@ -235,6 +251,8 @@ class Appliance:
             "data_dir": str(self.data_dir),
             "services": [name for name, _ in self.services],
             "pid": os.getpid(),
+            "workers": self.workers,
+            "worker_pids": self.pool.pids() if self.pool is not None else [],
         }
 
     def _list_targets(self, args: dict[str, Any]) -> list[dict[str, Any]]:

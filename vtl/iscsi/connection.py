@@ -20,6 +20,7 @@ Invariants (RFC 7143):
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import os
@@ -45,6 +46,10 @@ INVALID_LUN = 0xFFFFFFFF
 _SENSE_LEN = struct.Struct(">H")
 _ITT_TTT = struct.Struct(">II")
 _DATASN_OFFSET = struct.Struct(">II")
+_EDTL = struct.Struct(">I")
+POOL_MIN = 64 * 1024  # write buffers at least this big are reused
+POOL_DEPTH = 4  # per size
+POOL_SIZES = 2
 
 
 def decode_lun(raw: bytes) -> int:
@@ -89,6 +94,37 @@ class ConnectionClosed:
 
 
 Event = Union[LoginCompleted, ConnectionClosed]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionState:
+    """A logged-in session as it moves between processes (plain data, JSON-able).
+
+    ``params`` are the negotiated :class:`SessionParams` fields; ``statsn``/``expcmdsn`` are
+    the next StatSN to send and the next CmdSN expected.
+    """
+
+    initiator_name: str
+    target_name: str
+    isid: int
+    tsih: int
+    statsn: int
+    expcmdsn: int
+    params: dict[str, object]
+    local_address: tuple[str, int]
+    portal_group_tag: int = 1
+    cmd_window: int = 64
+
+    def to_json(self) -> dict[str, object]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> "SessionState":
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(doc, dict) or set(doc) != names:
+            raise ValueError("not a session state")
+        host, port = doc["local_address"]  # type: ignore[misc]
+        return cls(**{**doc, "local_address": (str(host), int(port))})  # type: ignore[arg-type]
 
 
 @dataclass(slots=True)
@@ -173,6 +209,12 @@ class IscsiConnection:
         self._last_rx = now
         self._ping_ttt: int | None = None
         self._ping_sent = 0.0
+        self.max_session_data = MAX_SESSION_DATA
+        #: reuse write buffers once a command executed; only for devices that never keep a
+        #: reference to ``data_out`` past ``execute`` (the tape drive writes it out at once)
+        self.recycle_buffers = False
+        self._free: dict[int, list[bytearray]] = {}
+        self._preplaced: bytearray | None = None
 
     # --- public API ----------------------------------------------------------------------------
     @property
@@ -190,6 +232,23 @@ class IscsiConnection:
         if data:
             self._last_rx = now
         self._reader.feed(data)
+        return self._parse()
+
+    def receive_buffer(self) -> memoryview:
+        """Where to read the next bytes from the socket into (then :meth:`receive_into`):
+        Data-Out and immediate data land directly in their command's buffer."""
+        return self._reader.get_buffer()
+
+    def receive_into(self, n: int, now: float) -> list[Event]:
+        """``n`` bytes were read into :meth:`receive_buffer`; like :meth:`receive_data`."""
+        if self.closed:
+            return self._take_events()
+        if n:
+            self._last_rx = now
+        self._reader.buffer_updated(n)
+        return self._parse()
+
+    def _parse(self) -> list[Event]:
         while not self.closed:
             try:
                 pdu = self._reader.next_pdu()
@@ -331,6 +390,10 @@ class IscsiConnection:
             return
         if not self.login.done:
             return
+        self._events.append(self._enter_full_feature())
+
+    def _enter_full_feature(self) -> LoginCompleted:
+        """Switch to full feature phase with the login machine's outcome (RFC 7143 6.3)."""
         lm = self.login
         self.state = State.FULL_FEATURE
         self.target = lm.target
@@ -347,8 +410,59 @@ class IscsiConnection:
                  lm.target.name if lm.target else "discovery", lm.session_type.value,
                  "CRC32C" if self.params.header_digest else "None",
                  "CRC32C" if self.params.data_digest else "None")
-        self._events.append(LoginCompleted(lm.initiator_name, lm.target.name if lm.target else "",
-                                           lm.session_type, lm.isid, lm.tsih))
+        return LoginCompleted(lm.initiator_name, lm.target.name if lm.target else "",
+                              lm.session_type, lm.isid, lm.tsih)
+
+    # --- handover to another process ---------------------------------------------------------
+    def detach(self) -> tuple["SessionState", bytes]:
+        """Give up a connection that just entered full feature phase, for another process.
+
+        Returns the session state to :meth:`resume` from and the bytes already received but
+        not parsed. The connection is then closed here *without* ending the session: the
+        device never hears of a lost nexus. Only a Normal session with no task in flight can
+        move (right after login, nothing is in flight yet).
+        """
+        if self.state is not State.FULL_FEATURE or self.target is None or self._tasks \
+                or self._held or self.login.session_type is not SessionType.NORMAL:
+            raise RuntimeError("only an idle Normal session in full feature phase can move")
+        lm = self.login
+        state = SessionState(
+            initiator_name=lm.initiator_name, target_name=self.target.name, isid=lm.isid,
+            tsih=lm.tsih, statsn=self._statsn, expcmdsn=self._expcmdsn,
+            params=dataclasses.asdict(self.params), local_address=self.local_address,
+            portal_group_tag=self.portal_group_tag, cmd_window=self._window)
+        pending = self._reader.take_buffered()
+        self.state = State.CLOSED
+        self._session_ended = True  # the session lives on elsewhere
+        return state, pending
+
+    @classmethod
+    def resume(cls, registry: TargetRegistry, state: "SessionState", *, now: float,
+               nop_interval: float | None = 5.0, nop_timeout: float = 15.0,
+               max_session_data: int | None = None,
+               recycle_buffers: bool = False) -> "IscsiConnection":
+        """A connection in full feature phase, continuing a session another process logged
+        in (see :meth:`detach`). Raises KeyError when the registry lacks the target."""
+        target = registry.lookup(state.target_name)
+        if target is None:
+            raise KeyError(state.target_name)
+        conn = cls(registry, local_address=state.local_address, tsih=state.tsih, now=now,
+                   portal_group_tag=state.portal_group_tag,
+                   settings=TargetSettings(cmd_window=state.cmd_window),
+                   nop_interval=nop_interval, nop_timeout=nop_timeout)
+        if max_session_data is not None:
+            conn.max_session_data = max_session_data
+        conn.recycle_buffers = recycle_buffers
+        lm = conn.login
+        lm.done = True
+        lm.target = target
+        lm.session_type = SessionType.NORMAL
+        lm.initiator_name = state.initiator_name
+        lm.isid = state.isid
+        lm.statsn, lm.expcmdsn = state.statsn, state.expcmdsn
+        lm.params = SessionParams(**state.params)
+        conn._enter_full_feature()
+        return conn
 
     def _ordered(self, pdu: P.Pdu, deliver: Callable[[P.Pdu], None]) -> None:
         """Deliver in CmdSN order (RFC 7143 4.2.2.1); immediate PDUs go at once."""
@@ -423,7 +537,7 @@ class IscsiConnection:
         task = _Task(itt=pdu.itt, lun=decode_lun(pdu.lun), lun_raw=pdu.lun,
                      cdb=cdb, cmdsn=pdu.cmdsn, edtl=edtl, read=pdu.read,
                      write=pdu.write)
-        if pdu.write and (edtl > MAX_TASK_DATA or self._buffered + edtl > MAX_SESSION_DATA):
+        if pdu.write and (edtl > MAX_TASK_DATA or self._buffered + edtl > self.max_session_data):
             # too big to buffer: answered in CmdSN order without soliciting any data; the
             # initiator's unsolicited Data-Out, if any, is discarded as for an ended task
             task.write = False
@@ -432,10 +546,14 @@ class IscsiConnection:
                     SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB))
         elif pdu.write and edtl:
             self._buffered += edtl
-            if len(imm) == edtl:
+            pre, self._preplaced = self._preplaced, None
+            if pre is not None and isinstance(imm, memoryview) and imm.obj is pre \
+                    and len(pre) == edtl:
+                task.data = pre  # the reader put the immediate data there already
+            elif len(imm) == edtl:
                 task.data = imm
             else:
-                task.data = bytearray(edtl)
+                task.data = self._buffer(edtl)
                 task.data[:len(imm)] = imm
             task.received = len(imm)
             task.unsolicited_end = len(imm) if p.initial_r2t else min(p.first_burst_length, edtl)
@@ -481,7 +599,10 @@ class IscsiConnection:
             offset + n <= burst.end and (not final or offset + n == burst.end)
 
     def _place(self, bhs: bytes) -> memoryview | None:
-        """Where a Data-Out's data segment goes, so the reader copies it only once."""
+        """Where a Data-Out's data segment (or a write command's immediate data) goes, so the
+        reader copies it only once."""
+        if bhs[0] & 0x3F == P.Opcode.SCSI_COMMAND:
+            return self._place_immediate(bhs)
         if bhs[0] & 0x3F != P.Opcode.DATA_OUT:
             return None
         itt, ttt = _ITT_TTT.unpack_from(bhs, 16)
@@ -492,6 +613,41 @@ class IscsiConnection:
                 not self._data_out_ok(task, ttt, datasn, offset, n, bool(bhs[1] & 0x80)):
             return None
         return memoryview(task.data)[offset:offset + n]
+
+    def _place_immediate(self, bhs: bytes) -> memoryview | None:
+        """A whole-task buffer for a write command whose immediate data is arriving; the
+        command handler adopts it (see :meth:`_on_scsi_command`). Refused cases fall back to
+        the ordinary path, which judges them."""
+        flags = bhs[1]
+        if not flags & 0x20 or flags & 0x40:  # W, not R
+            return None
+        (edtl,) = _EDTL.unpack_from(bhs, 20)
+        n = int.from_bytes(bhs[5:8], "big")
+        if n > edtl or edtl > MAX_TASK_DATA or self._buffered + edtl > self.max_session_data:
+            return None
+        buf = self._buffer(edtl)
+        self._preplaced = buf
+        return memoryview(buf)[:n]
+
+    def _buffer(self, size: int) -> bytearray:
+        """A write buffer of ``size`` bytes, reused from finished commands when possible
+        (no allocation or page faults per block while streaming)."""
+        free = self._free.get(size)
+        if free:
+            return free.pop()
+        return bytearray(size)
+
+    def _recycle(self, task: _Task) -> None:
+        buf = task.data
+        if isinstance(buf, bytearray) and len(buf) >= POOL_MIN:
+            free = self._free.setdefault(len(buf), [])
+            if len(free) < POOL_DEPTH:
+                free.append(buf)
+            if len(self._free) > POOL_SIZES:  # block size changed: forget the old ones
+                for size in list(self._free):
+                    if size != len(buf):
+                        del self._free[size]
+        task.data = b""
 
     def _on_data_out(self, pdu: P.DataOut) -> None:
         task = self._tasks.get(pdu.itt)
@@ -562,7 +718,10 @@ class IscsiConnection:
             log.exception("device raised on CDB %s", task.cdb[:1].hex())
             result = ScsiResult(ScsiStatus.CHECK_CONDITION, sense=encode_fixed_sense(
                 SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE))
+        del cmd
         self._finish(task, result)
+        if task.write and self.recycle_buffers:  # all its data was consumed: reuse the buffer
+            self._recycle(task)
 
     def _forget(self, task: _Task) -> None:
         if self._tasks.get(task.itt) is task:
@@ -795,5 +954,5 @@ class IscsiConnection:
     }
 
 
-__all__ = ["IscsiConnection", "LoginCompleted", "ConnectionClosed", "Event", "State",
+__all__ = ["IscsiConnection", "LoginCompleted", "ConnectionClosed", "Event", "State", "SessionState",
            "decode_lun", "encode_lun"]

@@ -778,6 +778,7 @@ def decode_pdu(buf: bytes | bytearray | memoryview, *, header_digest: bool = Fal
 
 
 PLACE_MIN = 4096  # data segments at least this long may be placed directly (see PduReader)
+RX_SCRATCH = 256 * 1024  # one recv_into outside placed data segments
 Placer = Callable[[bytes], Union[memoryview, None]]
 
 
@@ -814,10 +815,43 @@ class PduReader:
     _buf: bytearray = field(default_factory=bytearray)
     _pos: int = 0
     _direct: _Placement | None = None
+    _rx: memoryview | None = None
+
+    # --- zero-copy receive (asyncio.BufferedProtocol: get_buffer / buffer_updated) -----------
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes should be read into (``recv_into``): the rest of a
+        data segment being placed, so payload goes from the kernel straight to its final
+        buffer; otherwise a fixed scratch area that :meth:`buffer_updated` feeds from."""
+        p = self._direct
+        if p is not None and p.filled < len(p.dest):
+            return p.dest[p.filled:]
+        if self._rx is None:
+            self._rx = memoryview(bytearray(RX_SCRATCH))
+        return self._rx
+
+    def buffer_updated(self, n: int) -> None:
+        """``n`` bytes were read into the buffer :meth:`get_buffer` returned last."""
+        p = self._direct
+        if p is not None and p.filled < len(p.dest):
+            if p.digest:
+                p.crc = _crc32c.crc32c(p.dest[p.filled:p.filled + n], p.crc)
+            p.filled += n
+            return
+        assert self._rx is not None
+        self.feed(self._rx[:n])
 
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+    def take_buffered(self) -> bytes:
+        """Remove and return the bytes fed but not parsed yet (for a connection handover)."""
+        if self._direct is not None:
+            raise RuntimeError("a data segment is being placed")
+        rest = bytes(self._buf[self._pos:])
+        self._buf.clear()
+        self._pos = 0
+        return rest
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         p = self._direct

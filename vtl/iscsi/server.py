@@ -12,39 +12,49 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import socket
 
-from vtl.iscsi.connection import ConnectionClosed, IscsiConnection, LoginCompleted
-from vtl.iscsi.login import TargetSettings
+import os
+from typing import Protocol
+
+from vtl.iscsi.connection import ConnectionClosed, IscsiConnection, LoginCompleted, SessionState
+from vtl.iscsi.login import SessionType, TargetSettings
 from vtl.iscsi.target import TargetRegistry
 
 log = logging.getLogger("vtl.iscsi")
 
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
-#: sendmsg takes at most IOV_MAX buffers; larger batches go through the transport.
-MAX_IOV = 512
+_IOV_MAX = 512  # buffers per writev (Linux allows 1024)
 
 
-def _skip(buffers: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
-    """The part of ``buffers`` after the first ``sent`` bytes, without copying."""
-    rest: list[bytes | memoryview] = []
-    for buf in buffers:
-        n = len(buf)
-        if sent >= n:
-            sent -= n
-            continue
-        rest.append(memoryview(buf)[sent:] if sent else buf)
-        sent = 0
-    return rest
+class Handoff(Protocol):
+    """Where Normal sessions of some targets go after login (the process-pool engine).
+
+    ``wants(target_name)`` is asked when a login completes; if true, the connection is detached
+    and ``take(fd, state, to_send, received)`` gets a duplicate of the socket's descriptor
+    (the callee owns and closes it), the session state, the final Login Response not yet sent
+    and any bytes received after it. ``take`` must not raise.
+    """
+
+    def wants(self, target_name: str) -> bool: ...
+
+    def take(self, fd: int, state: SessionState, to_send: bytes, received: bytes) -> None: ...
 
 
-class _IscsiProtocol(asyncio.Protocol):
-    """Glue between one socket and one :class:`IscsiConnection`."""
+class _IscsiProtocol(asyncio.BufferedProtocol):
+    """Glue between one socket and one :class:`IscsiConnection`.
 
-    def __init__(self, server: "IscsiServer") -> None:
+    A BufferedProtocol: the event loop reads with ``recv_into`` straight into the buffer the
+    connection names (the data buffer of the command being received, for payload), so a block
+    is copied once, by the kernel, on its way in.
+    """
+
+    def __init__(self, server: "IscsiServer", resumed: IscsiConnection | None = None,
+                 to_send: bytes = b"", received: bytes = b"") -> None:
         self.server = server
+        self._resumed = resumed
+        self._initial = (to_send, received)
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.conn: IscsiConnection | None = None
@@ -52,10 +62,8 @@ class _IscsiProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused = False
         self._closing = False
+        self._fd = -1
         self.session_key: tuple[str, int, str] | None = None
-        # A duplicate of the connection's descriptor for gathered sends (sendmsg): asyncio 3.11's
-        # writelines joins every buffer into one bytes object, a full copy of each Data-In.
-        self._sock: socket.socket | None = None
 
     # --- asyncio callbacks -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -65,12 +73,14 @@ class _IscsiProtocol(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if sock is not None:
-            self._sock = socket.socket(fileno=os.dup(sock.fileno()))
+        self._fd = sock.fileno() if sock is not None else -1
         local = transport.get_extra_info("sockname") or (self.server.host, self.server.port)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         s = self.server
+        if self._resumed is not None:
+            self._adopted(transport)
+            return
         self.conn = IscsiConnection(s.registry, local_address=(local[0], local[1]),
                                     tsih=s._next_tsih(), now=self.loop.time(),
                                     portal_group_tag=s.portal_group_tag, settings=s.settings,
@@ -79,6 +89,43 @@ class _IscsiProtocol(asyncio.Protocol):
         s._protocols.add(self)
         log.debug("connection from %s", self.peer)
         self._arm_timer()
+
+    def _adopted(self, transport: asyncio.Transport) -> None:
+        """A connection logged in by another process continues here (see Handoff)."""
+        conn = self.conn = self._resumed
+        assert conn is not None and conn.target is not None
+        self._resumed = None
+        to_send, received = self._initial
+        self._initial = (b"", b"")
+        self.server._protocols.add(self)
+        lm = conn.login
+        self.server._login_completed(self, LoginCompleted(
+            lm.initiator_name, conn.target.name, lm.session_type, lm.isid, lm.tsih))
+        if to_send:
+            transport.write(to_send)
+        log.debug("adopted connection from %s", self.peer)
+        if received:
+            self.data_received(received)
+        else:
+            self._arm_timer()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        conn = self.conn
+        if conn is None or self._closing or conn.closed:
+            return memoryview(self.server._discard)
+        return conn.receive_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        if conn is None or self._closing:
+            return
+        try:
+            events = conn.receive_into(nbytes, self.loop.time())
+        except Exception:  # a bug in our state machine must not affect other sessions
+            log.exception("iSCSI connection %s failed", self.peer)
+            self._abort()
+            return
+        self._after(events)
 
     def data_received(self, data: bytes) -> None:
         conn = self.conn
@@ -104,9 +151,7 @@ class _IscsiProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self._fd = -1
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -125,8 +170,14 @@ class _IscsiProtocol(asyncio.Protocol):
         conn, transport = self.conn, self.transport
         assert conn is not None and transport is not None
         out = conn.data_to_send()
+        handoff = self.server.handoff
+        if handoff is not None and not conn.closed:
+            for ev in events:
+                if isinstance(ev, LoginCompleted) and ev.session_type is SessionType.NORMAL \
+                        and handoff.wants(ev.target_name) and self._hand_off(handoff, out):
+                    return
         if out:
-            self._write(transport, out)
+            self._write(out)
         for ev in events:
             if isinstance(ev, LoginCompleted):
                 self.server._login_completed(self, ev)
@@ -136,23 +187,51 @@ class _IscsiProtocol(asyncio.Protocol):
             return
         self._arm_timer()
 
-    def _write(self, transport: asyncio.Transport, out: list[bytes | memoryview]) -> None:
-        """Send ``out`` with one gathered sendmsg when nothing is queued before it; only what
-        the kernel did not take is handed to the transport (and copied there)."""
-        sock = self._sock
-        if sock is None or transport.get_write_buffer_size() or len(out) > MAX_IOV:
+    def _write(self, out: list[bytes | memoryview]) -> None:
+        """Send PDUs with one writev straight from their buffers (a READ's data is not joined
+        into a new bytes object first); only what the socket does not take is handed to the
+        transport, which then keeps the order. Safe because the transport writes only while
+        its own buffer is non-empty, and we go direct only when it is empty."""
+        transport = self.transport
+        assert transport is not None
+        fd = self._fd
+        if fd < 0 or transport.is_closing() or transport.get_write_buffer_size() \
+                or len(out) > _IOV_MAX:
             transport.writelines(out)
             return
         try:
-            sent = sock.sendmsg(out)
+            sent = os.writev(fd, out)
         except (BlockingIOError, InterruptedError):
             sent = 0
-        except OSError:
-            transport.writelines(out)  # the transport reports the error through connection_lost
+        except OSError:  # let the transport meet the error and report it its way
+            transport.writelines(out)
             return
-        rest = _skip(out, sent)
-        if rest:
-            transport.writelines(rest)
+        for i, buf in enumerate(out):
+            n = len(buf)
+            if sent < n:
+                rest = [memoryview(buf)[sent:], *out[i + 1:]]
+                transport.write(b"".join(rest))
+                return
+            sent -= n
+
+    def _hand_off(self, handoff: Handoff, out: list[bytes | memoryview]) -> bool:
+        """Detach the socket and give it, with the session, to ``handoff``."""
+        transport, conn = self.transport, self.conn
+        assert transport is not None and conn is not None
+        sock = transport.get_extra_info("socket")
+        if sock is None or transport.get_write_buffer_size():
+            return False  # (login responses are always sent by now: the initiator waits)
+        state, received = conn.detach()
+        fd = os.dup(sock.fileno())
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        transport.pause_reading()
+        transport.abort()  # closes our descriptor only: the duplicate keeps the TCP connection
+        log.debug("handing %s (%s) over", self.peer, state.target_name)
+        handoff.take(fd, state, b"".join(out), received)
+        return True
 
     def _arm_timer(self) -> None:
         """Keep one timer no later than the connection's next deadline. Deadlines mostly move
@@ -201,8 +280,13 @@ class IscsiServer:
     def __init__(self, registry: TargetRegistry, host: str = "127.0.0.1", port: int = 3260, *,
                  nop_interval: float | None = 5.0, nop_timeout: float = 15.0,
                  login_timeout: float = 30.0, portal_group_tag: int = 1,
-                 settings: TargetSettings | None = None) -> None:
+                 settings: TargetSettings | None = None, handoff: Handoff | None = None,
+                 max_session_data: int | None = None, recycle_buffers: bool = False) -> None:
         self.registry = registry
+        self.recycle_buffers = recycle_buffers
+        self._discard = bytearray(65536)
+        self.handoff = handoff
+        self.max_session_data = max_session_data
         self.host = host
         self._port = port
         self.nop_interval = nop_interval
@@ -247,6 +331,24 @@ class IscsiServer:
             if not self._protocols:
                 break
             await asyncio.sleep(0)
+
+    async def adopt(self, fd: int, state: SessionState, to_send: bytes = b"",
+                    received: bytes = b"") -> None:
+        """Serve a connection another process logged in (the socket ``fd`` is ours now)."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.setblocking(False)
+            conn = IscsiConnection.resume(self.registry, state, now=loop.time(),
+                                          nop_interval=self.nop_interval,
+                                          nop_timeout=self.nop_timeout,
+                                          max_session_data=self.max_session_data,
+                                          recycle_buffers=self.recycle_buffers)
+            await loop.connect_accepted_socket(
+                lambda: _IscsiProtocol(self, conn, to_send, received), sock)
+        except BaseException:
+            sock.close()
+            raise
 
     # --- session table -----------------------------------------------------------------------
     def _next_tsih(self) -> int:

@@ -89,6 +89,8 @@ REC_MAGIC = b"VREC"
 _REC_HDR = struct.Struct(">4sBBHQIIII")
 REC_HDR_LEN = 32
 assert _REC_HDR.size == REC_HDR_LEN
+_REC_HDR_BODY = struct.Struct(">4sBBHQIII")  # the header without its own CRC
+assert _REC_HDR_BODY.size == REC_HDR_LEN - 4
 
 IDX_MAGIC = b"VTLTIDX\x00"
 IDX_VERSION = 1
@@ -129,10 +131,49 @@ class RecordType(enum.IntEnum):
 
 
 class Compression(enum.IntEnum):
-    """Per-record compression (record header ``flags`` bits 0-3). Hook: only NONE is written."""
+    """Per-record compression (record header ``flags`` bits 0-3). NONE and ZSTD are written
+    (ZSTD when the drive's DCE is set and the block shrinks); ZLIB is only read."""
 
     NONE = 0
     ZLIB = 1
+    ZSTD = 2
+
+
+class Squeezer:
+    """Adaptive per-record zstd (level 1): a block is stored compressed only when that saves
+    at least 1/8. After a block that does not compress, the next ``skip`` blocks are stored
+    as they are without trying (``skip`` doubles up to MAX_SKIP while data stays
+    incompressible), so random or already-compressed streams cost almost nothing."""
+
+    MAX_SKIP = 64
+
+    def __init__(self, level: int = 1) -> None:
+        import zstandard  # C extension; imported when a drive first compresses
+
+        self._zc = zstandard.ZstdCompressor(level=level)
+        self._skip = 0
+        self._backoff = 1
+        self.tried = self.kept = 0
+
+    def squeeze(self, data: bytes | memoryview) -> bytes | None:
+        if self._skip:
+            self._skip -= 1
+            return None
+        self.tried += 1
+        out = self._zc.compress(data)
+        if len(out) > len(data) - len(data) // 8:
+            self._skip = self._backoff
+            self._backoff = min(self.MAX_SKIP, self._backoff * 2)
+            return None
+        self._backoff = 1
+        self.kept += 1
+        return out
+
+
+def _unzstd(data: bytes, size: int) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +382,7 @@ class Cartridge:
         self._index_used = 0
         self._closed = False
         self._lock_fd = -1
+        self._squeezer: Squeezer | None = None
 
     def _lock(self) -> None:
         """Exclusive flock on the directory: one writer per cartridge across processes."""
@@ -570,21 +612,34 @@ class Cartridge:
                     data = zlib.decompress(data)
                 except zlib.error as exc:
                     raise MediumCorrupt(f"object {self._pos}: {exc}") from None
+            elif hdr.compression == Compression.ZSTD:
+                try:
+                    data = _unzstd(data, hdr.logical_length)
+                except Exception as exc:  # zstandard.ZstdError
+                    raise MediumCorrupt(f"object {self._pos}: {exc}") from None
             if len(data) != hdr.logical_length:
                 raise MediumCorrupt(f"object {self._pos}: length mismatch")
         self._advance(seg, off + hdr.size)
         return TapeObject(hdr.kind, data)
 
-    def write_block(self, data: bytes | bytearray | memoryview) -> None:
+    def write_block(self, data: bytes | bytearray | memoryview, *, compress: bool = False) -> None:
         """Write one data block at the position (truncating anything after it) and move past it.
+        ``compress``: store it zstd-compressed if that pays (see :class:`Squeezer`).
 
         Raises WormViolation (overwrite on WORM) or VolumeOverflow (nothing written).
         """
         if len(data) > MAX_RECORD:
             raise ValueError("block larger than MAX_RECORD")
         payload = data if isinstance(data, (bytes, memoryview)) else memoryview(data)
-        hdr = RecordHeader(RecordType.DATA, 0, len(payload), len(payload), crc32c(payload))
-        self._append(hdr, payload)
+        logical = len(payload)
+        comp = Compression.NONE
+        if compress and logical >= 512:
+            if self._squeezer is None:
+                self._squeezer = Squeezer()
+            packed = self._squeezer.squeeze(payload)
+            if packed is not None:
+                payload, comp = packed, Compression.ZSTD
+        self._append_record(RecordType.DATA, comp, payload, logical, crc32c(payload))
 
     def write_filemarks(self, count: int) -> None:
         """Write ``count`` filemarks (count 0 writes nothing). Durability is the caller's sync()."""
@@ -717,28 +772,38 @@ class Cartridge:
 
     # --- internals: writing ----------------------------------------------------------------------
     def _append(self, hdr: RecordHeader, payload: bytes | memoryview) -> None:
+        self._append_record(hdr.kind, hdr.compression, payload, hdr.logical_length,
+                            hdr.payload_crc)
+
+    def _append_record(self, kind: RecordType, comp: Compression, payload: bytes | memoryview,
+                       logical: int, payload_crc: int) -> None:
+        """Append one record with a single pwritev (header + payload, no copy of the payload).
+        The header is packed here directly: this runs once per block."""
+        stored = len(payload)
         if self._pos < self._count:
             self.check_writable()
             self._truncate(self._pos)
-        if self.would_overflow(len(payload)):
+        if self.would_overflow(stored):
             raise VolumeOverflow(f"{self.used_bytes} of {self.capacity_bytes} bytes used")
         seg, off = self._end()
-        if off > SEG_HDR_LEN and off + REC_HDR_LEN + len(payload) > self.segment_size:
+        size = REC_HDR_LEN + stored
+        if off > SEG_HDR_LEN and off + size > self.segment_size:
             self._seal(seg)
             seg, off = seg + 1, SEG_HDR_LEN
             self._new_segment(seg, self._count)
-        hdr = replace(hdr, obj=self._count)
+        body = _REC_HDR_BODY.pack(REC_MAGIC, kind, comp, 0, self._count, stored, logical,
+                                  payload_crc)
+        head = body + _CRC.pack(crc32c(body))
         fd = self._fd(seg)
-        todo = [hdr.encode(), payload] if payload else [hdr.encode()]
-        written = os.pwritev(fd, todo, off)
-        if written != hdr.size:  # short write (disk full): write the rest plainly
-            rest = (bytes(todo[0]) + bytes(payload))[written:]
+        written = os.pwritev(fd, [head, payload] if stored else [head], off)
+        if written != size:  # short write (disk full): write the rest plainly
+            rest = (head + bytes(payload))[written:]
             while rest:
-                n = os.pwrite(fd, rest, off + hdr.size - len(rest))
+                n = os.pwrite(fd, rest, off + size - len(rest))
                 rest = rest[n:]
-        self._seg_sizes[seg] = off + hdr.size
+        self._seg_sizes[seg] = off + size
         self._dirty.add(seg)
-        self._note_record(hdr.kind, seg, off)
+        self._note_record(kind, seg, off)
         self._pos = self._count
         self._loc = self._end()
 

@@ -455,10 +455,11 @@ class TapeDrive(SpcDevice):
         if len(data) < total:
             raise SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB,
                              field=FieldPointer(2))
+        dce = self._compression.dce  # SSC-3 8.3.2: the initiator turns compression on
         for done in range(count):
             block = data[done * size:(done + 1) * size]
             try:
-                cart.write_block(block)
+                cart.write_block(block, compress=dce)
             except VolumeOverflow:
                 self._note_written(done * size)
                 raise SenseError(SenseKey.VOLUME_OVERFLOW, Asc.END_OF_PARTITION_MEDIUM_DETECTED,

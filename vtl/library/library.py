@@ -28,14 +28,14 @@ import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from catalog import tapes as q
 from catalog.db import Catalog
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from vtl.iscsi.target import IscsiTarget, Targets
 from vtl.library import barcodes
-from vtl.library.cartridge import Cartridge, CartridgeError
+from vtl.library.cartridge import META_NAME, Cartridge, CartridgeError
 from vtl.library.changer import MediaChanger, Medium
 from vtl.library.drive import TapeDrive
 from vtl.library.elements import DeviceIdentifier, ElementLayout, ElementType
@@ -63,6 +63,32 @@ Op = Callable[[dict[str, Any]], Any]
 
 
 @dataclass(frozen=True, slots=True)
+class CartridgeRef:
+    """A cartridge named, not opened: what the changer hands to a drive in another process,
+    which opens (and flocks) it itself. ``used_bytes`` comes back with an unload."""
+
+    barcode: str
+    path: Path
+    used_bytes: int | None = None
+
+
+class DriveHost(Protocol):
+    """Drives served elsewhere (``vtl.engine.workers.WorkerPool``): declared with ``attach``,
+    started with ``start``, then ``drive(i)`` is the changer-facing proxy of drive ``i`` and
+    ``device(i)`` the stand-in SCSI device of its target in this process."""
+
+    def attach(self, index: int, serial: str, target_iqn: str, alias: str) -> None: ...
+
+    def start(self) -> None: ...
+
+    def drive(self, index: int) -> Any: ...
+
+    def device(self, index: int) -> Any: ...
+
+    def status(self) -> dict[int, dict[str, Any]]: ...
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """AWS Tape Gateway limits (FACTS.md)."""
 
@@ -83,8 +109,10 @@ class Library:
     def __init__(self, catalog: Catalog, data_dir: Path, targets: Targets, authority: str,
                  gateway_id: str, *, changer_type: str | None = None,
                  layout: ElementLayout | None = None, limits: Limits | None = None,
-                 clock: Callable[[], datetime] = _utc_now) -> None:
+                 clock: Callable[[], datetime] = _utc_now,
+                 drive_host: DriveHost | None = None) -> None:
         self.catalog = catalog
+        self.drive_host = drive_host
         self.db = catalog.db
         self.data_dir = Path(data_dir)
         self.targets = targets
@@ -143,8 +171,15 @@ class Library:
         if self._requested_type:
             self.catalog.set_setting(CHANGER_TYPE_SETTING, identity.type_name)
         serials = [drive_serial(self.gateway_id, i) for i in range(self.layout.drives)]
-        self.drives = [TapeDrive(index=i, serial=serials[i], device_name=self.drive_iqn(i))
-                       for i in range(self.layout.drives)]
+        host = self.drive_host
+        if host is not None:
+            for i in range(self.layout.drives):
+                host.attach(i, serials[i], self.drive_iqn(i), self._drive_alias(i))
+            host.start()
+            self.drives = [host.drive(i) for i in range(self.layout.drives)]
+        else:
+            self.drives = [TapeDrive(index=i, serial=serials[i], device_name=self.drive_iqn(i))
+                           for i in range(self.layout.drives)]
         contents: dict[int, Medium] = {}
         orphans: list[Any] = []
         for row in q.tapes_in_elements(self.db):
@@ -178,8 +213,12 @@ class Library:
         self.targets.add(IscsiTarget(name=self.changer_iqn, device=ScsiTarget({0: self.changer}),
                                      alias=f"{self.gateway_id} media changer"))
         for i, drive in enumerate(self.drives):
-            self.targets.add(IscsiTarget(name=self.drive_iqn(i), device=ScsiTarget({0: drive}),
-                                         alias=f"{self.gateway_id} tape drive {i + 1}"))
+            device = host.device(i) if host is not None else ScsiTarget({0: drive})
+            self.targets.add(IscsiTarget(name=self.drive_iqn(i), device=device,
+                                         alias=self._drive_alias(i)))
+
+    def _drive_alias(self, index: int) -> str:
+        return f"{self.gateway_id} tape drive {index + 1}"
 
     @staticmethod
     def _dvcid(serial: str) -> DeviceIdentifier:
@@ -198,7 +237,7 @@ class Library:
                 cartridge = drive.unload(force=True)
             except SenseError:
                 cartridge = None
-            if barcode is not None or cartridge is not None:
+            if cartridge is not None:
                 self.unmount(barcode or cartridge.barcode, cartridge)
             drive.close()
         self.changer.close()
@@ -219,6 +258,11 @@ class Library:
         status = TapeStatus(row["status"])
         if status not in LOADABLE and status != TapeStatus.IN_TRANSIT_TO_VTS:
             raise SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_READY_MANUAL_INTERVENTION)
+        if self.drive_host is not None:  # the drive's worker opens it
+            if not (self.tape_dir(barcode) / META_NAME).is_file():
+                log.error("cannot open cartridge %s: no cartridge files", barcode)
+                raise SenseError(SenseKey.MEDIUM_ERROR, Asc.MEDIUM_LOAD_OR_EJECT_FAILED)
+            return CartridgeRef(barcode, self.tape_dir(barcode)), status in READ_ONLY
         try:
             cartridge = Cartridge.open(self.tape_dir(barcode))
         except (CartridgeError, OSError, ValueError) as exc:
@@ -230,8 +274,13 @@ class Library:
         """Close a cartridge a drive gave back and record how much of it is used."""
         if cartridge is None:
             return
-        used = cartridge.used_bytes
-        cartridge.close()
+        if isinstance(cartridge, CartridgeRef):
+            if cartridge.used_bytes is None:
+                return
+            used = cartridge.used_bytes
+        else:
+            used = cartridge.used_bytes
+            cartridge.close()
         q.update_tape(self.db, barcode, used_bytes=used, updated_at=self._now())
 
     def moved(self, medium: Medium, source: int, destination: int) -> None:
@@ -474,16 +523,29 @@ class Library:
     def status(self, args: dict[str, Any]) -> dict[str, Any]:
         """LibraryStatus: changer identity and target, drives, slot occupancy."""
         changer = self._need_changer()
+        live = self.drive_host.status() if self.drive_host is not None else {}
         drives = []
         for i, drive in enumerate(self.drives):
+            st = live.get(i)
+            if self.drive_host is not None:
+                counters = {"bytes_written": st["bytes_written"] if st else None,
+                            "bytes_read": st["bytes_read"] if st else None,
+                            "write_bytes_per_s": st["write_bytes_per_s"] if st else None,
+                            "read_bytes_per_s": st["read_bytes_per_s"] if st else None,
+                            "worker": st.get("worker") if st else None,
+                            "worker_pid": st.get("pid") if st else None}
+            else:
+                counters = {"bytes_written": drive.bytes_written,
+                            "bytes_read": drive.bytes_read,
+                            "write_bytes_per_s": None, "read_bytes_per_s": None,
+                            "worker": None, "worker_pid": None}
             drives.append({
                 "index": i,
                 "target_iqn": self.drive_iqn(i),
                 "serial": drive_serial(self.gateway_id, i),
                 "barcode": changer.contents.get(self.layout.drive_address(i)).barcode
                 if self.layout.drive_address(i) in changer.contents else None,
-                "bytes_written": drive.bytes_written,
-                "bytes_read": drive.bytes_read,
+                **counters,
             })
         return {
             "changer_type": changer.identity.type_name,

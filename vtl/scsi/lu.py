@@ -24,6 +24,9 @@ from vtl.scsi.sense import Asc, SenseError, SenseKey, encode_fixed_sense, illega
 
 log = logging.getLogger(__name__)
 
+#: CDB length by operation code group (SAM-5 5.2), for the CONTROL byte check
+_CDB_LENGTH = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
+
 Handler = Callable[["LogicalUnit", "Request"], "bytes | bytearray | memoryview | ScsiResult | None"]
 
 # Commands that a pending UNIT ATTENTION does not block (SPC-4 5.14 / SAM-5 5.14).
@@ -173,7 +176,7 @@ class LogicalUnit:
         """NACA and LINK in the CONTROL byte are not supported (SAM-5 5.2): ILLEGAL REQUEST."""
         cdb = req.cdb
         group = cdb[0] >> 5
-        length = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}.get(group)
+        length = _CDB_LENGTH.get(group)
         if length is None or len(cdb) < length:
             return
         if cdb[length - 1] & 0x05:
