@@ -55,8 +55,10 @@ def control_request(data_dir: Path, op: str, args: dict[str, Any] | None = None,
 class ApplianceProcess:
     """One ``vtl serve`` subprocess on a data directory."""
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0,
+                 extra_args: tuple[str, ...] | list[str] = ()) -> None:
         self.data_dir = Path(data_dir)
+        self.extra_args = list(extra_args)  # more ``vtl serve`` flags (--clock-speed, --store...)
         self.host = host
         self.requested_port = port
         self.port = 0
@@ -75,7 +77,7 @@ class ApplianceProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(self.data_dir),
              "--listen", f"{self.host}:{self.requested_port}",
-             "--log-level", os.environ.get("VTL_TEST_LOG_LEVEL", "info")],
+             "--log-level", os.environ.get("VTL_TEST_LOG_LEVEL", "info"), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
         )
         log.close()

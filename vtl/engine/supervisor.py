@@ -69,13 +69,25 @@ class LibraryOptions:
         return ElementLayout(storage=self.storage_slots, import_export=self.ie_slots)
 
 
+@dataclass(frozen=True, slots=True)
+class CloudOptions:
+    """Where tapes go when archived (``vtl serve --store/--s3-endpoint/--clock-speed``)."""
+
+    store_url: str | None = None  # None: LocalStore at <data-dir>/store
+    s3_endpoint: str | None = None
+    clock_speed: float = 1.0
+    cache_size: int | None = None
+
+
 class Appliance:
     """One appliance serving one data directory on one iSCSI portal."""
 
     def __init__(self, data_dir: Path, listen: tuple[str, int], *,
                  authority: str = vtl.DEFAULT_IQN_AUTHORITY,
-                 library: LibraryOptions | None = None) -> None:
+                 library: LibraryOptions | None = None,
+                 cloud: CloudOptions | None = None) -> None:
         self.library_options = library or LibraryOptions()
+        self.cloud_options = cloud or CloudOptions()
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.listen = listen
         self.authority = authority
@@ -211,10 +223,15 @@ class Appliance:
         self._add_service("volumes", VolumeService(catalog, self.data_dir, self.targets,
                                                    self.authority))
         opts = self.library_options
-        self._add_service("library", Library(catalog, self.data_dir, self.targets,
-                                             self.authority, self.gateway_id,
-                                             changer_type=opts.changer_type,
-                                             layout=opts.layout()))
+        library = Library(catalog, self.data_dir, self.targets, self.authority, self.gateway_id,
+                          changer_type=opts.changer_type, layout=opts.layout())
+        self._add_service("library", library)
+        self._add_service("cloud", self._cloud_service(catalog, library))
+
+    def _cloud_service(self, catalog: Catalog, library: Library) -> Service:
+        from vtl.engine.cloudsetup import build_cloud_service
+
+        return build_cloud_service(catalog, self.data_dir, library, self.cloud_options)
 
     def _add_service(self, name: str, service: Service) -> None:
         service.start()
