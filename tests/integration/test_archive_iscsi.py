@@ -145,3 +145,64 @@ def test_unfinished_retrieval_resumes_after_restart(tmp_path: Path) -> None:
         assert again["ready_at"] == first["ready_at"]
         wait_for("RETRIEVED", status_is(app, barcode, "RETRIEVED"))
         assert tape(app, barcode)["location"]["type"] == "ie"
+
+
+def test_retention_lock_refuses_delete_and_listing(fast_appliance: ApplianceProcess) -> None:
+    app = fast_appliance
+    codes = [t["barcode"] for t in app.call("CreateTapes", prefix="RET", count=2,
+                                            size_bytes=100 * GiB)["result"]["tapes"]]
+    locked, free = codes
+    assert app.cli("archive", "tape", locked, "--retention-days", "36500").exit_code == 0
+    assert app.cli("archive", "tape", free).exit_code == 0
+    for code in codes:
+        wait_for("ARCHIVED", status_is(app, code, "ARCHIVED"))
+    refused = app.cli("archive", "delete", locked)
+    assert refused.exit_code != 0 and "retention lock" in refused.output
+    assert app.cli("archive", "delete", free).exit_code == 0
+    wait_for("DELETED", status_is_deleted(app, free))
+    table = app.cli("archive", "list")
+    assert locked in table.output and free not in table.output
+    import json as _json
+    rows = _json.loads(app.cli("archive", "list", "--json").output)
+    assert [r["barcode"] for r in rows] == [locked] and rows[0]["pool"] == "glacier"
+
+
+def status_is_deleted(app: ApplianceProcess, barcode: str) -> Callable[[], bool]:
+    return lambda: any(t["barcode"] == barcode for t in
+                       app.call("ListTapes", status="DELETED")["result"]["tapes"])
+
+
+def test_schedules_persist_and_archive_idle_tapes(tmp_path: Path) -> None:
+    import json as _json
+
+    data = tmp_path / "data"
+    with ApplianceProcess(data, extra_args=["--clock-speed", SPEED]) as app:
+        added = app.cli("archive", "schedule", "add", "--cron", "0 6 * * *", "--older-than",
+                        "1h", "--pool", "deep-archive", "--json")
+        assert added.exit_code == 0, added.output
+        sid = _json.loads(added.output)["id"]
+        bad = app.cli("archive", "schedule", "add", "--cron", "61 * * *")
+        assert bad.exit_code != 0 and "cron" in bad.output
+        policy = app.cli("archive", "schedule", "auto-create", "--prefix", "AUTO", "--minimum",
+                         "3", "--size", "100GiB")
+        assert policy.exit_code == 0, policy.output
+        autos = [t for t in app.call("ListTapes")["result"]["tapes"]
+                 if t["barcode"].startswith("AUTO")]
+        assert len(autos) == 3 and all(t["location"]["type"] == "ie" for t in autos)
+    with ApplianceProcess(data, extra_args=["--clock-speed", SPEED]) as app:
+        rows = _json.loads(app.cli("archive", "schedule", "list", "--json").output)
+        assert [r["kind"] for r in rows] == ["archive", "auto-create"]
+        assert rows[0]["next_run_at"] and rows[0]["next_run_at"].endswith("06:00:00+00:00")
+        # wait until the AUTO tapes are idle for more than an hour of model time
+        from datetime import datetime, timedelta
+        touched = max(datetime.fromisoformat(t["created_at"]) for t in
+                      app.call("ListTapes")["result"]["tapes"])
+        wait_for("idle tapes", lambda: datetime.fromisoformat(
+            app.call("DescribeTapeArchives")["result"]["now"]) > touched + timedelta(hours=1, minutes=1))
+        run = app.cli("archive", "schedule", "run", str(sid))
+        assert run.exit_code == 0 and "AUTO" in run.output
+        autos = [t for t in app.call("ListTapes")["result"]["tapes"] if t["barcode"].startswith("AUTO")]
+        assert any(t["status"] != "AVAILABLE" and t["pool"] == "deep-archive" for t in autos)
+        assert app.cli("archive", "schedule", "remove", str(sid)).exit_code == 0
+        rows = _json.loads(app.cli("archive", "schedule", "list", "--json").output)
+        assert [r["kind"] for r in rows] == ["auto-create"]

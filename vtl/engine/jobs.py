@@ -38,7 +38,7 @@ from catalog.db import Catalog
 from vtl.cloud import tapestore as ts
 from vtl.cloud.clock import Clock, SystemClock
 from vtl.cloud.store import ObjectStore, StoreError
-from vtl.cloud.tiers import Pool, can_move, draw_ready_time
+from vtl.cloud.tiers import MAX_RETENTION_DAYS, Pool, can_move, draw_ready_time
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound
 from vtl.library.elements import ElementType
 from vtl.library.library import Library
@@ -68,7 +68,7 @@ def _iso(when: datetime) -> str:
     return when.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def _parse(text: str | None) -> datetime | None:
+def parse_time(text: str | None) -> datetime | None:
     if not text:
         return None
     when = datetime.fromisoformat(text)
@@ -115,6 +115,8 @@ class CloudService:
             log.info("resuming %d interrupted job(s)", n)
         self._resume_tapes()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="vtl-jobs")
+        if self.scheduler is not None:
+            self.scheduler.start()
         self._pool.submit(self._upkeep)
 
     def close(self) -> None:
@@ -129,7 +131,8 @@ class CloudService:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def ops(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
-        return {
+        extra = self.scheduler.ops() if self.scheduler is not None else {}
+        return {**extra,
             "ArchiveTape": self.archive_tape,
             "CancelArchival": self.cancel_archival,
             "RetrieveTapeArchive": self.retrieve_tape,
@@ -317,7 +320,7 @@ class CloudService:
                 job = jq.unfinished_job(self.db, "retrieve", barcode)
                 if job is not None:
                     jq.update_job(self.db, job["id"], payload={"restores_requested": True})
-            ready = _parse(row["ready_at"])
+            ready = parse_time(row["ready_at"])
             if ready is not None and self._now() < ready:
                 raise Wait(self.poll, "retrieval not ready yet")
             if not await self._io(ts.restores_done, self.store, manifest):
@@ -380,6 +383,10 @@ class CloudService:
         if kind == ElementType.DATA_TRANSFER:
             raise Conflict(f"tape {code} is in drive {layout.drive_index(address)}; unload it "
                            "first (e.g. `mtx unload`)")
+        days = args.get("retention_days")
+        if days is not None and (isinstance(days, bool) or not isinstance(days, int)
+                                 or not 0 <= days <= MAX_RETENTION_DAYS):
+            raise InvalidRequest(f"retention_days must be 0 to {MAX_RETENTION_DAYS}")
         now = _iso(self._now())
         if kind == ElementType.STORAGE:
             free = changer.free_addresses(ElementType.IMPORT_EXPORT)
@@ -395,6 +402,9 @@ class CloudService:
             q.update_tape(self.db, code, status=S.IN_TRANSIT_TO_VTS.value, element_address=dest,
                           source_address=address if kind == ElementType.STORAGE else row["source_address"],
                           updated_at=now)
+            if days:  # a retention lock counted from the export (governance-free: not bypassable)
+                q.update_tape(self.db, code,
+                              retention_until=_iso(self._now() + timedelta(days=days)))
             q.add_event(self.db, now, "tape.export", code, "exported for archiving")
         jq.ensure_job(self.db, "archive", code, self._wall_iso())
         return self.library.tape_json(q.get_tape(self.db, code) or row)
@@ -436,8 +446,8 @@ class CloudService:
 
     def _archive_json(self, row: dict[str, Any]) -> dict[str, Any]:
         now = self._now()
-        ready = _parse(row.get("ready_at"))
-        requested = _parse(row.get("retrieval_requested_at"))
+        ready = parse_time(row.get("ready_at"))
+        requested = parse_time(row.get("retrieval_requested_at"))
         eta = None
         pct = None
         if row["status"] == S.RETRIEVING.value and ready is not None:
@@ -500,7 +510,7 @@ class CloudService:
         if row["status"] != S.ARCHIVED.value:
             raise Conflict(f"tape {code} is {row['status']}: only ARCHIVED tapes are deleted "
                            "from the archive (use `vtl tape delete` for tapes in the library)")
-        until = _parse(row.get("retention_until"))
+        until = parse_time(row.get("retention_until"))
         now = self._now()
         if until is not None and now < until:
             raise Conflict(f"tape {code} is under a retention lock until {_iso(until)}")
