@@ -92,3 +92,46 @@ def test_manifest_is_versioned_json(tmp_path: Path) -> None:
     assert ts.Manifest.decode(m.encode()) == m
     with pytest.raises(ValueError):
         ts.Manifest.decode(b'{"format": "vtl-tape-manifest", "version": 99}')
+
+
+def test_evict_then_hydrate_with_ranged_gets(store: Harness, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    s = store.store
+    tape = tmp_path / "tape"
+    blocks = [os.urandom(20_000) for _ in range(12)]
+    write_tape(tape, blocks)
+    manifest = ts.upload_tape(s, "TS0001", tape, final=False)
+    segs = ts.local_segments(tape)
+    freed = sum(ts.evict_segment(tape / e.name, e) for e in manifest.segments)
+    assert freed == sum(e.size for e in manifest.segments) > 0
+    assert ts.local_segments(tape) == segs[-1:]  # only the open last segment stays
+    assert len(ts.evicted_stubs(tape)) == len(manifest.segments)
+    ranges: list[tuple[int, int]] = []
+    real_get = s.get_object
+
+    def spy(key: str, *, byte_range: tuple[int, int] | None = None) -> bytes:
+        if byte_range is not None:
+            ranges.append(byte_range)
+        return real_get(key, byte_range=byte_range)
+
+    monkeypatch.setattr(ts, "RANGE_SIZE", 16 * 1024)
+    monkeypatch.setattr(s, "get_object", spy)
+    assert ts.hydrate_tape(s, "TS0001", tape) == freed
+    assert len(ranges) > len(manifest.segments)  # several ranges per segment
+    assert ts.local_segments(tape) == segs and ts.evicted_stubs(tape) == []
+    assert read_tape(tape) == blocks
+    # hydrated segments match their manifest entries again: nothing to upload
+    assert ts.upload_tape(s, "TS0001", tape, final=False) == manifest
+    # and an upload while segments are evicted keeps their objects and entries
+    for e in manifest.segments:
+        ts.evict_segment(tape / e.name, e)
+    again = ts.upload_tape(s, "TS0001", tape, final=True)
+    assert again.complete and again.segments[:-1] == manifest.segments
+
+
+def test_a_changed_segment_is_not_evicted(tmp_path: Path) -> None:
+    tape = tmp_path / "tape"
+    write_tape(tape, [os.urandom(20_000) for _ in range(6)])
+    seg = ts.local_segments(tape)[0]
+    entry = ts.SegmentEntry(seg.name, seg.stat().st_size, 0, seg.stat().st_mtime_ns + 1)
+    assert ts.evict_segment(seg, entry) == 0 and seg.exists()

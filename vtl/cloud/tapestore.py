@@ -110,10 +110,17 @@ def load_manifest(store: ObjectStore, barcode: str) -> Manifest | None:
 
 
 def local_segments(tape_dir: Path) -> list[Path]:
-    """The segment files of a cartridge directory, in order."""
+    """The segment files of a cartridge directory, in order (evicted ones excluded)."""
     if not tape_dir.is_dir():
         return []
     return sorted(p for p in tape_dir.iterdir() if _SEG_NAME.match(p.name))
+
+
+def all_segments(tape_dir: Path) -> list[Path]:
+    """The segments of a cartridge, local or evicted (path of the segment file either way)."""
+    names = {p.name for p in local_segments(tape_dir)}
+    names |= {p.name[:-len(EVICTED_SUFFIX)] for p in evicted_stubs(tape_dir)}
+    return [tape_dir / n for n in sorted(names)]
 
 
 def _file_crc(path: Path) -> int:
@@ -141,11 +148,15 @@ def upload_tape(store: ObjectStore, barcode: str, tape_dir: Path, *, final: bool
     """
     old = load_manifest(store, barcode)
     known = {s.name: s for s in (old.segments if old else ())}
-    segs = local_segments(tape_dir)
+    segs = all_segments(tape_dir)
     candidates = segs if final else segs[:-1]
     meta = json.loads((tape_dir / "cartridge.json").read_bytes())
     entries: list[SegmentEntry] = []
+    evicted = {stub.name[:-len(EVICTED_SUFFIX)]: stub for stub in evicted_stubs(tape_dir)}
     for path in candidates:
+        if path.name in evicted:  # in the store already; only a stub is left here
+            entries.append(SegmentEntry.from_json(json.loads(evicted[path.name].read_text())))
+            continue
         before = path.stat()
         prior = known.get(path.name)
         if prior is not None and prior.size == before.st_size and prior.mtime_ns == before.st_mtime_ns:
@@ -235,3 +246,69 @@ def delete_tape_objects(store: ObjectStore, barcode: str) -> int:
     if keys:
         store.delete_objects(keys)
     return len(keys)
+
+
+# --- the local copy as a cache: eviction and read-back ----------------------------------------
+EVICTED_SUFFIX = ".evicted"
+RANGE_SIZE = 8 << 20
+
+
+def evicted_stubs(tape_dir: Path) -> list[Path]:
+    """Stubs of segments evicted from the cache (``seg-NNNNNN.dat.evicted``), in order."""
+    if not tape_dir.is_dir():
+        return []
+    return sorted(p for p in tape_dir.iterdir() if p.name.endswith(EVICTED_SUFFIX))
+
+
+def evict_segment(path: Path, entry: SegmentEntry) -> int:
+    """Replace an uploaded segment file by a stub; return the bytes freed (0 if it changed).
+
+    Only a file whose size and mtime still match its manifest entry is evicted, so the store
+    holds exactly its bytes. The stub is written (durably) before the file goes.
+    """
+    st = path.stat()
+    if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+        return 0
+    stub = path.with_name(path.name + EVICTED_SUFFIX)
+    with open(stub, "w", encoding="ascii") as f:
+        json.dump(entry.to_json(), f)
+        f.flush()
+        os.fsync(f.fileno())
+    path.unlink()
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return entry.size
+
+
+def hydrate_tape(store: ObjectStore, barcode: str, tape_dir: Path) -> int:
+    """Fetch every evicted segment back with ranged GETs; return the bytes read.
+
+    Each segment is rebuilt in a temporary file from ``RANGE_SIZE`` ranges, checked against the
+    CRC32C of its manifest entry, then renamed into place (keeping the recorded mtime, so the
+    entry still matches and the segment stays evictable), and its stub removed.
+    """
+    total = 0
+    for stub in evicted_stubs(tape_dir):
+        entry = SegmentEntry.from_json(json.loads(stub.read_text()))
+        final = tape_dir / entry.name
+        tmp = tape_dir / (entry.name + ".hydrating")
+        key = segment_key(barcode, entry.name)
+        crc = 0
+        with open(tmp, "wb") as f:
+            for first in range(0, entry.size, RANGE_SIZE):
+                chunk = store.get_object(key, byte_range=(first, min(first + RANGE_SIZE, entry.size) - 1))
+                crc = crc32c_extend(crc, chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if crc != entry.crc32c or tmp.stat().st_size != entry.size:
+            tmp.unlink()
+            raise ValueError(f"segment {entry.name} of {barcode} fails its checksum")
+        os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
+        os.replace(tmp, final)
+        stub.unlink()
+        total += entry.size
+    return total

@@ -23,9 +23,12 @@ serve --clock-speed``) decides only archive timings: retrieval ready times and t
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
+import os
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -43,6 +46,7 @@ from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound
 from vtl.library.elements import ElementType
 from vtl.library.library import Library
 from vtl.library.lifecycle import TapeStatus, check_transition
+from vtl.scsi.sense import Asc, SenseError, SenseKey
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,8 @@ class CloudService:
         self._running: dict[int, asyncio.Task[None]] = {}
         self._uploaded: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._last_scan = 0.0
+        self._evicting = False
+        self._tape_locks: dict[str, threading.Lock] = {}
         self.scheduler: Any = None
 
     # --- Service ---------------------------------------------------------------------------
@@ -114,6 +120,7 @@ class CloudService:
         if n:
             log.info("resuming %d interrupted job(s)", n)
         self._resume_tapes()
+        self.library.before_mount = self._hydrate
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="vtl-jobs")
         if self.scheduler is not None:
             self.scheduler.start()
@@ -193,6 +200,9 @@ class CloudService:
                 if loop.time() - self._last_scan > 5.0:
                     self._last_scan = loop.time()
                     self._scan_uploads()
+                    if self.cache_size is not None and not self._evicting:
+                        self._evicting = True
+                        loop.create_task(self._evict())
                 for job in jq.due_jobs(self.db, self._wall_iso()):
                     if job["id"] not in self._running:
                         self._running[job["id"]] = loop.create_task(self._run(job))
@@ -362,6 +372,81 @@ class CloudService:
         if pending:
             await self._io(ts.request_restores, self.store, manifest, 1)
             raise Wait(5.0, "waiting for restores before the storage-class change")
+
+    # --- the local cache: LRU eviction and read-back -----------------------------------------
+    def _lock_for(self, barcode: str) -> threading.Lock:
+        return self._tape_locks.setdefault(barcode, threading.Lock())
+
+    def _hydrate(self, barcode: str) -> None:
+        """before_mount hook: fetch evicted segments back (ranged GETs) before a drive opens
+        the tape. Runs on the event loop: a load of an evicted tape waits for the fetch."""
+        tape_dir = self.library.tape_dir(barcode)
+        with self._lock_for(barcode):
+            if not ts.evicted_stubs(tape_dir):
+                return
+            try:
+                n = ts.hydrate_tape(self.store, barcode, tape_dir)
+            except (StoreError, OSError, ValueError) as exc:
+                log.error("cannot read tape %s back from the store: %s", barcode, exc)
+                raise SenseError(SenseKey.MEDIUM_ERROR, Asc.MEDIUM_LOAD_OR_EJECT_FAILED) from None
+        log.info("tape %s: %d bytes read back from the store", barcode, n)
+
+    def cache_usage(self) -> int:
+        root = self.data_dir / "cache" / "tapes"
+        total = 0
+        if root.is_dir():
+            for tape_dir in root.iterdir():
+                total += sum(p.stat().st_size for p in ts.local_segments(tape_dir))
+        return total
+
+    async def _evict(self) -> None:
+        """Free cache space down to ``cache_size``: uploaded sealed segments of AVAILABLE tapes
+        not in a drive, least recently used tape (``updated_at``) first."""
+        try:
+            rows = sorted(q.list_tapes(self.db, S.AVAILABLE.value),
+                          key=lambda r: r["updated_at"] or "")
+            layout = self.library.layout
+            barcodes = [r["barcode"] for r in rows if r["element_address"] is not None
+                        and layout.type_of(r["element_address"]) != ElementType.DATA_TRANSFER]
+            freed = await self._io(self._evict_some, barcodes)
+            if freed:
+                log.info("cache: evicted %d bytes", freed)
+        except Exception:
+            log.exception("cache eviction failed")
+        finally:
+            self._evicting = False
+
+    def _evict_some(self, barcodes: list[str]) -> int:
+        assert self.cache_size is not None
+        over = self.cache_usage() - self.cache_size
+        freed = 0
+        for barcode in barcodes:
+            if freed >= over:
+                break
+            tape_dir = self.library.tape_dir(barcode)
+            with self._lock_for(barcode):
+                try:
+                    fd = os.open(tape_dir, os.O_RDONLY | os.O_DIRECTORY)
+                except OSError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # loaded tapes hold it
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    manifest = ts.load_manifest(self.store, barcode)
+                    if manifest is None:
+                        continue
+                    sealed = {p.name for p in ts.local_segments(tape_dir)[:-1]}
+                    for entry in manifest.segments:
+                        if freed >= over:
+                            break
+                        if entry.name in sealed:
+                            freed += ts.evict_segment(tape_dir / entry.name, entry)
+                finally:
+                    os.close(fd)  # drops the flock
+        return freed
 
     # --- control operations ----------------------------------------------------------------
     def _row(self, args: dict[str, Any]) -> dict[str, Any]:
