@@ -30,6 +30,9 @@ def unfinished_job(db: sqlite_utils.Database, kind: str, subject: str) -> Row | 
 def ensure_job(db: sqlite_utils.Database, kind: str, subject: str, now: str,
                payload: dict[str, Any] | None = None) -> int:
     """The id of the unfinished ``kind`` job on ``subject``, adding one if there is none."""
+    row = unfinished_job(db, kind, subject)  # the common case needs no write transaction
+    if row is not None:
+        return int(row["id"])
     with transaction(db):
         row = unfinished_job(db, kind, subject)
         if row is not None:

@@ -144,7 +144,13 @@ def show(barcode: str, as_json: bool, data_dir: Path) -> None:
     code = _check(barcodes.validate_barcode, barcode)
     info = _tapes(client.call(data_dir, "DescribeTape", barcode=code))[0]
     if as_json:
-        click.echo(json.dumps({k: info.get(k) for k, _ in JSON_FIELDS}, indent=2))
+        doc = {k: info.get(k) for k, _ in JSON_FIELDS}
+        cloud = _cloud(data_dir, code)
+        if cloud is not None:  # upload progress: cloud_bytes, pending_bytes, safe_in_cloud...
+            doc["cloud"] = {k: cloud.get(k) for k in ("cloud_bytes", "pending_bytes",
+                                                      "upload_percent", "safe_in_cloud",
+                                                      "archived_at", "ready_at", "eta_seconds")}
+        click.echo(json.dumps(doc, indent=2))
         return
     human = _human(info)
     human["size_bytes"] = f"{human['size_bytes']} ({info.get('size_bytes')} bytes)"

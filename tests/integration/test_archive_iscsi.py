@@ -92,6 +92,9 @@ def test_write_export_archive_retrieve_read_back(fast_appliance: ApplianceProces
     cloud = app.call("DescribeTapeCloud", barcode=barcode)["result"]
     assert cloud["safe_in_cloud"] and cloud["cloud_bytes"] == cloud["used_bytes"] > 65536 * 20
     assert "cloud: safe in cloud" in app.cli("tape", "show", barcode).output
+    import json as _json
+    shown = _json.loads(app.cli("tape", "show", barcode, "--json").output)
+    assert shown["cloud"]["safe_in_cloud"] is True and shown["cloud"]["pending_bytes"] == 0
     listing = app.cli("archive", "list", "--json")
     assert listing.exit_code == 0 and barcode in listing.output
 

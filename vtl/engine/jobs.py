@@ -120,6 +120,7 @@ class CloudService:
         if n:
             log.info("resuming %d interrupted job(s)", n)
         self._resume_tapes()
+        self._release_stale_cache()
         self.library.before_mount = self._hydrate
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="vtl-jobs")
         if self.scheduler is not None:
@@ -149,6 +150,14 @@ class CloudService:
             "DeleteTapeArchive": self.delete_archive,
             "ListJobs": self.list_jobs,
         }
+
+    def _release_stale_cache(self) -> None:
+        """Cache left behind by a crash between ARCHIVED (or DELETED) and its release."""
+        for row in self.db.query("select barcode from tapes where status in (?, ?)",
+                                 [S.ARCHIVED.value, S.DELETED.value]):
+            tape_dir = self.library.tape_dir(row["barcode"])
+            if tape_dir.exists():
+                shutil.rmtree(tape_dir, ignore_errors=True)
 
     def _upkeep(self) -> None:
         """Start-up housekeeping in the pool: bucket exists, stale multipart uploads aborted."""
