@@ -135,3 +135,24 @@ def test_a_changed_segment_is_not_evicted(tmp_path: Path) -> None:
     seg = ts.local_segments(tape)[0]
     entry = ts.SegmentEntry(seg.name, seg.stat().st_size, 0, seg.stat().st_mtime_ns + 1)
     assert ts.evict_segment(seg, entry) == 0 and seg.exists()
+
+
+def test_restore_states_gate_the_download(store: Harness, tmp_path: Path) -> None:
+    if store.hold_restore is None:
+        pytest.skip("the HTTP moto server cannot hold a restore ongoing")
+    s = store.store
+    tape = tmp_path / "tape"
+    write_tape(tape, [os.urandom(20_000) for _ in range(6)])
+    manifest = ts.upload_tape(s, "TS0001", tape, final=True)
+    ts.transition_tape(s, manifest, StorageClass.DEEP_ARCHIVE)
+    assert not ts.restores_done(s, manifest)  # archived, no restore asked for
+    ts.request_restores(s, manifest, days=1)
+    for seg in manifest.segments:
+        store.hold_restore(ts.segment_key("TS0001", seg.name))
+    assert not ts.restores_done(s, manifest)  # ongoing
+    with pytest.raises(ObjectArchived):
+        ts.download_tape(s, manifest, tmp_path / "early")
+    store.finish_restores()
+    assert ts.restores_done(s, manifest)
+    ts.download_tape(s, manifest, tmp_path / "back")
+    assert len(read_tape(tmp_path / "back")) == 6

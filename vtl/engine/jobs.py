@@ -433,6 +433,13 @@ class CloudService:
             if freed >= over:
                 break
             tape_dir = self.library.tape_dir(barcode)
+            if len(ts.local_segments(tape_dir)) < 2:
+                continue  # nothing sealed here
+            # the store is asked outside the tape's lock: a load waiting on that lock (on the
+            # event loop) must never wait for the network
+            manifest = ts.load_manifest(self.store, barcode)
+            if manifest is None:
+                continue
             with self._lock_for(barcode):
                 try:
                     fd = os.open(tape_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -444,9 +451,6 @@ class CloudService:
                     os.close(fd)
                     continue
                 try:
-                    manifest = ts.load_manifest(self.store, barcode)
-                    if manifest is None:
-                        continue
                     sealed = {p.name for p in ts.local_segments(tape_dir)[:-1]}
                     for entry in manifest.segments:
                         if freed >= over:
