@@ -116,6 +116,10 @@ def test_write_export_archive_retrieve_read_back(fast_appliance: ApplianceProces
             assert drive.rewind().good
             res = drive.write6(b"x" * 512)
             assert res.check_condition and res.sense_key == DATA_PROTECT
+        # exporting the retrieved tape again returns it to the shelf (its objects never left)
+        assert changer.move_medium(drive0, back["location"]["address"]).good
+    wait_for("ARCHIVED again", status_is(app, barcode, "ARCHIVED"))
+    assert not (app.data_dir / "cache" / "tapes" / barcode).exists()
 
 
 def test_cancel_only_while_in_transit(fast_appliance: ApplianceProcess) -> None:

@@ -206,6 +206,7 @@ class CloudService:
         while True:
             try:
                 self._resume_tapes()
+                self._exported_retrieved()
                 if loop.time() - self._last_scan > 5.0:
                     self._last_scan = loop.time()
                     self._scan_uploads()
@@ -473,6 +474,8 @@ class CloudService:
         changer = self.library._need_changer()
         layout = self.library.layout
         address = row["element_address"]
+        if status is S.RETRIEVED:
+            return self._return_to_shelf(row)
         if status is not S.AVAILABLE:
             check_transition(status, S.IN_TRANSIT_TO_VTS)
         if address is None:
@@ -506,6 +509,42 @@ class CloudService:
             q.add_event(self.db, now, "tape.export", code, "exported for archiving")
         jq.ensure_job(self.db, "archive", code, self._wall_iso())
         return self.library.tape_json(q.get_tape(self.db, code) or row)
+
+    def _return_to_shelf(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A RETRIEVED tape goes back to the shelf (ARCHIVED): its objects never left the
+        archive, so only the read-only local copy is released."""
+        code = row["barcode"]
+        changer = self.library._need_changer()
+        address = row["element_address"]
+        if address is not None and self.library.layout.type_of(address) == ElementType.DATA_TRANSFER:
+            raise Conflict(f"tape {code} is in drive {self.library.layout.drive_index(address)}; "
+                           "unload it first (e.g. `mtx unload`)")
+        check_transition(S.RETRIEVED, S.ARCHIVED)
+        now = _iso(self._now())
+        with q.transaction(self.db):
+            q.update_tape(self.db, code, status=S.ARCHIVED.value, element_address=None,
+                          source_address=None, ready_at=None, updated_at=now)
+            q.add_event(self.db, now, "tape.archive", code, "retrieved copy returned to the shelf")
+        if address is not None and changer.locate(code) == address:
+            changer.remove(address)
+        shutil.rmtree(self.library.tape_dir(code), ignore_errors=True)
+        return self.library.tape_json(q.get_tape(self.db, code) or row)
+
+    def _exported_retrieved(self) -> None:
+        """RETRIEVED tapes an initiator moved into an I/E slot (export) return to the shelf."""
+        changer = self.library.changer
+        if changer is None:
+            return
+        for row in q.list_tapes(self.db, S.RETRIEVED.value):
+            address = row["element_address"]
+            if address is None or self.library.layout.type_of(address) != ElementType.IMPORT_EXPORT:
+                continue
+            medium = changer.contents.get(address)
+            if medium is not None and not medium.imported:  # put there by MOVE MEDIUM
+                try:
+                    self._return_to_shelf(row)
+                except ApplianceError as exc:
+                    log.warning("tape %s stays in its I/E slot: %s", row["barcode"], exc.message)
 
     def cancel_archival(self, args: dict[str, Any]) -> dict[str, Any]:
         """CancelArchival: only while IN TRANSIT TO VTS; the tape stays in its I/E slot."""
