@@ -125,3 +125,66 @@ def test_retrieval_waits_for_the_model_clock(rig: Any) -> None:
     tape = q.get_tape(catalog.db, barcode)
     assert tape["status"] == "RETRIEVED" and tape["element_address"] is not None
     svc.close()
+
+
+def test_jobs_left_running_by_a_dead_process_are_resumed(tmp_path: Path) -> None:
+    catalog = open_catalog(tmp_path / "catalog.db")
+    db = catalog.db
+    first = jq.ensure_job(db, "archive", "AB00001", "2026-01-01T00:00:00+00:00")
+    assert jq.ensure_job(db, "archive", "AB00001", "2026-01-01T00:00:01+00:00") == first
+    jq.update_job(db, first, state="running")
+    assert jq.due_jobs(db, "2026-01-01T00:00:05+00:00") == []
+    assert jq.requeue_running(db, "2026-01-01T00:00:05+00:00") == 1
+    assert [j["id"] for j in jq.due_jobs(db, "2026-01-01T00:00:05+00:00")] == [first]
+    jq.update_job(db, first, state="done")
+    assert jq.ensure_job(db, "archive", "AB00001", "2026-01-01T00:00:06+00:00") != first
+    catalog.close()
+
+
+def test_model_clock_epoch_is_kept_across_restarts(tmp_path: Path) -> None:
+    from vtl.cloud.clock import FastClock, SystemClock
+    from vtl.engine.cloudsetup import CLOCK_SETTING, model_clock
+
+    catalog = open_catalog(tmp_path / "catalog.db")
+    assert isinstance(model_clock(catalog, 1.0), SystemClock)
+    a = model_clock(catalog, 3600.0)
+    b = model_clock(catalog, 3600.0)
+    assert isinstance(a, FastClock) and isinstance(b, FastClock) and a.epoch == b.epoch
+    reached = b.now()
+    c = model_clock(catalog, 10.0)  # a new speed continues from the model time reached
+    assert isinstance(c, FastClock) and c.epoch.model >= reached and c.speed == 10.0
+    assert catalog.get_setting(CLOCK_SETTING)
+    catalog.close()
+
+
+def test_a_load_fails_cleanly_when_evicted_data_cannot_be_read_back(
+        rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vtl.cloud.store import StoreUnavailable
+    from vtl.scsi.sense import SenseError, SenseKey
+
+    lib, store, clock, catalog = rig
+    barcode = lib.create_tapes({"prefix": "DN", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    blocks = [os.urandom(20_000) for _ in range(12)]
+    _write(lib, barcode, blocks)
+    svc = _service(lib, store, clock, catalog, cache_size=0)
+    ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
+    assert svc._evict_some([barcode]) > 0
+
+    def down(*a: Any, **k: Any) -> bytes:
+        raise StoreUnavailable("endpoint down")
+
+    monkeypatch.setattr(store, "get_object", down)
+    with pytest.raises(SenseError) as err:
+        lib.mount(barcode)
+    assert err.value.key == SenseKey.MEDIUM_ERROR
+    assert ts.evicted_stubs(lib.tape_dir(barcode))  # nothing opened with a hole in it
+    monkeypatch.undo()
+    cart, _ = lib.mount(barcode)  # the endpoint is back: the load works, data intact
+    try:
+        got = []
+        while (obj := cart.read_next()) is not None and not obj.is_filemark:
+            got.append(obj.data)
+        assert got == blocks
+    finally:
+        cart.close()
+    svc.close()
