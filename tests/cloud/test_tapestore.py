@@ -156,3 +156,16 @@ def test_restore_states_gate_the_download(store: Harness, tmp_path: Path) -> Non
     assert ts.restores_done(s, manifest)
     ts.download_tape(s, manifest, tmp_path / "back")
     assert len(read_tape(tmp_path / "back")) == 6
+
+
+def test_upload_stops_between_segments_when_the_appliance_stops(tmp_path: Path) -> None:
+    from vtl.cloud.local import LocalStore
+
+    s = LocalStore(tmp_path / "store", durable=False)
+    tape = tmp_path / "tape"
+    write_tape(tape, [os.urandom(20_000) for _ in range(12)])
+    calls = iter([False, True])
+    with pytest.raises(ts.Stopped):
+        ts.upload_tape(s, "TS0001", tape, final=True, stopping=lambda: next(calls, True))
+    assert ts.load_manifest(s, "TS0001") is None  # no manifest names a missing segment
+    assert ts.upload_tape(s, "TS0001", tape, final=True).complete  # the next run finishes

@@ -138,8 +138,13 @@ def crc32c_extend(crc: int, data: bytes) -> int:
 Progress = Callable[[int], None]
 
 
+class Stopped(Exception):
+    """The appliance is stopping: the step ends between segments (the job resumes later)."""
+
+
 def upload_tape(store: ObjectStore, barcode: str, tape_dir: Path, *, final: bool,
-                progress: Progress | None = None) -> Manifest:
+                progress: Progress | None = None,
+                stopping: Callable[[], bool] | None = None) -> Manifest:
     """Upload what the store lacks of a tape; return the manifest written.
 
     ``final`` (the tape left the library, nothing writes it) uploads every segment including
@@ -154,6 +159,8 @@ def upload_tape(store: ObjectStore, barcode: str, tape_dir: Path, *, final: bool
     entries: list[SegmentEntry] = []
     evicted = {stub.name[:-len(EVICTED_SUFFIX)]: stub for stub in evicted_stubs(tape_dir)}
     for path in candidates:
+        if stopping is not None and stopping():
+            raise Stopped(f"upload of {barcode} interrupted by shutdown")
         if path.name in evicted:  # in the store already; only a stub is left here
             entries.append(SegmentEntry.from_json(json.loads(evicted[path.name].read_text())))
             continue
@@ -220,12 +227,15 @@ def restores_done(store: ObjectStore, manifest: Manifest) -> bool:
                for s in manifest.segments)
 
 
-def download_tape(store: ObjectStore, manifest: Manifest, tape_dir: Path) -> None:
+def download_tape(store: ObjectStore, manifest: Manifest, tape_dir: Path, *,
+                  stopping: Callable[[], bool] | None = None) -> None:
     """Rebuild the cartridge directory from the store (atomically: temp dir, then rename)."""
     tmp = tape_dir.with_name(tape_dir.name + ".retrieving")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for seg in manifest.segments:
+        if stopping is not None and stopping():
+            raise Stopped(f"download of {manifest.barcode} interrupted by shutdown")
         path = tmp / seg.name
         crc = 0
         with store.open_object(segment_key(manifest.barcode, seg.name)) as src, open(path, "wb") as dst:

@@ -110,6 +110,7 @@ class CloudService:
         self._uploaded: dict[str, tuple[tuple[str, int, int], ...]] = {}
         self._last_scan = 0.0
         self._evicting = False
+        self._stopping = threading.Event()
         self._tape_locks: dict[str, threading.Lock] = {}
         self.scheduler: Any = None
 
@@ -128,6 +129,7 @@ class CloudService:
         self._pool.submit(self._upkeep)
 
     def close(self) -> None:
+        self._stopping.set()  # pool threads stop between segments; their jobs resume later
         if self.scheduler is not None:
             self.scheduler.close()
         if self._task is not None:
@@ -235,7 +237,10 @@ class CloudService:
             payload = json.loads(job["payload"] or "{}")
             await handler(job["subject"], payload)
         except asyncio.CancelledError:
-            jq.update_job(self.db, job_id, state="pending", updated_at=self._wall_iso())
+            try:  # the catalog may be closed already; start-up requeues running jobs anyway
+                jq.update_job(self.db, job_id, state="pending", updated_at=self._wall_iso())
+            except Exception:
+                pass
             raise
         except Wait as w:
             jq.update_job(self.db, job_id, state="pending", next_run_at=self._wall_iso(w.delay),
@@ -266,7 +271,12 @@ class CloudService:
         loop = asyncio.get_running_loop()
 
         def report(cloud_bytes: int) -> None:
-            loop.call_soon_threadsafe(self._set_cloud_bytes, barcode, cloud_bytes)
+            if self._stopping.is_set():
+                return
+            try:
+                loop.call_soon_threadsafe(self._set_cloud_bytes, barcode, cloud_bytes)
+            except RuntimeError:  # the loop closed under us: the job resumes at next start
+                pass
         return report
 
     def _set_cloud_bytes(self, barcode: str, cloud_bytes: int) -> None:
@@ -288,7 +298,7 @@ class CloudService:
         sealed = ts.local_segments(tape_dir)[:-1]
         sig = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sealed)
         await self._io(ts.upload_tape, self.store, barcode, tape_dir, final=False,
-                       progress=self._progress(barcode))
+                       progress=self._progress(barcode), stopping=self._stopping.is_set)
         self._uploaded[barcode] = sig
 
     async def _job_archive(self, barcode: str, payload: dict[str, Any]) -> None:
@@ -299,7 +309,8 @@ class CloudService:
         tape_dir = self.library.tape_dir(barcode)
         if status is S.IN_TRANSIT_TO_VTS:
             await self._io(ts.upload_tape, self.store, barcode, tape_dir, final=True,
-                           progress=self._progress(barcode))
+                           progress=self._progress(barcode),
+                           stopping=self._stopping.is_set)
             row = q.get_tape(self.db, barcode)
             if row is None or row["status"] != S.IN_TRANSIT_TO_VTS.value:
                 return  # cancelled (moved back, loaded, or `vtl archive cancel`) meanwhile
@@ -308,7 +319,8 @@ class CloudService:
             status = S.ARCHIVING
         if status is S.ARCHIVING:
             manifest = await self._io(ts.upload_tape, self.store, barcode, tape_dir, final=True,
-                                      progress=self._progress(barcode))
+                                      progress=self._progress(barcode),
+                                      stopping=self._stopping.is_set)
             if not manifest.complete:
                 raise Wait(1.0, "segments changed during the upload")
             pool = Pool.parse(row["pool"] or "glacier")
@@ -345,7 +357,8 @@ class CloudService:
                 raise Wait(self.poll, "retrieval not ready yet")
             if not await self._io(ts.restores_done, self.store, manifest):
                 raise Wait(1.0, "the store's restore is still ongoing")
-            await self._io(ts.download_tape, self.store, manifest, self.library.tape_dir(barcode))
+            await self._io(ts.download_tape, self.store, manifest, self.library.tape_dir(barcode),
+                          stopping=self._stopping.is_set)
             try:
                 self.library.insert_tape(barcode)
             except ApplianceError as exc:  # no free I/E slot: try again later
