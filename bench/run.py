@@ -12,6 +12,9 @@ measured through the ctypes libiscsi initiator of ``tests.support.libiscsi``:
 
 A figure that cannot be measured is reported as "n/a (reason)", never a crash. Each figure has a
 time budget; one cut short by it is computed from the work done and marked with "~".
+The cloud figure (bench/cloud.py): upload of a 2 GiB tape to a moto S3 server by the archive
+pipeline against a plain boto3 multipart upload of the same bytes (ratio); `--only cloud`.
+
 The report is printed and appended to bench/RESULTS.md. MB/s are 10^6 bytes per second.
 """
 
@@ -39,7 +42,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.tgt import TgtPeer, TgtUnavailable, free_port
+if __package__ in (None, ""):  # run as a script (make bench: python bench/run.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.tgt import TgtPeer, TgtUnavailable, free_port  # noqa: E402
 from tests.support.libiscsi import (
     Command,
     LibiscsiError,
@@ -756,7 +762,7 @@ def append_results(path: Path, table: str, args: argparse.Namespace, elapsed: fl
                f"- options: size {args.size_mb} MiB, only {args.only or 'all'}, peers {args.peers}, "
                f"budget {args.budget_s:.0f} s per figure; run took {elapsed:.0f} s\n"
                f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after "
-               "(above the CPU count the figures are noisy)\n\n" f"{table}\n")
+               f"(above the CPU count the figures are noisy)\n\n{table}\n")
     with open(path, "a", encoding="utf-8") as f:
         f.write(header + section)
 
@@ -791,7 +797,10 @@ def plan(rigs: list[tuple[DiskRig | None, TapeRig | None]]) -> list[tuple[str, l
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("disk", "tape"), help="measure only the disk or the tape figures")
+    p.add_argument("--only", choices=("disk", "tape", "cloud"),
+                   help="measure only the disk, the tape or the cloud upload figures")
+    p.add_argument("--cloud-mb", type=int, default=2048,
+                   help="MiB of the tape uploaded for the cloud figure (default 2048)")
     p.add_argument("--size-mb", type=int, default=512,
                    help="MiB per sequential figure (default 512; multi-drive: a quarter per drive)")
     p.add_argument("--peers", default="ours,tgt", help="comma list of ours,tgt (default both)")
@@ -809,6 +818,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _cloud_figure(args: argparse.Namespace, log: Callable[[str], None]) -> str:
+    """The cloud upload figure (bench/cloud.py), or "n/a (reason)"."""
+    from bench import cloud
+
+    try:
+        return cloud.render(cloud.measure(args.cloud_mb, log=log))
+    except Exception as exc:  # a figure that cannot be measured says why
+        return f"| cloud upload | n/a ({_short(exc)}) |"
+
+
+def _cloud_only(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    table = _cloud_figure(args, log)
+    print(table)
+    if not args.no_results:
+        append_results(args.results, table, args, time.monotonic() - started,
+                       (load_before, os.getloadavg()[0]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; exit status 0 even when figures are n/a (they say why)."""
     args = parse_args(argv)
@@ -819,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
+    if args.only == "cloud":
+        return _cloud_only(args, log)
     want_disk = args.only in (None, "disk")
     want_tape = args.only in (None, "tape")
     started = time.monotonic()
@@ -849,8 +881,14 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.monotonic() - started
     specs = [s for s in _specs(args.size_mb) if args.only is None or s.group == args.only]
     table = render(specs, results["ours"], results["tgt"])
+    if args.only is None:
+        table += "\n\n" + _cloud_figure(args, log)
     print(table)
     if not args.no_results:
         append_results(args.results, table, args, elapsed, (load_before, os.getloadavg()[0]))
         log(f"appended to {args.results}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -99,8 +99,14 @@ def _m001_initial(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m002_cloud_tier(db: sqlite_utils.Database) -> None:
+    # When the current retrieval was asked for (ETA/progress of RETRIEVING tapes).
+    db["tapes"].add_column("retrieval_requested_at", str)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
+    ("002_cloud_tier", _m002_cloud_tier),
 ]
 
 

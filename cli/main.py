@@ -57,6 +57,7 @@ def _add_optional_group(module_name: str, group_name: str) -> None:
 # Groups written alongside this one; absent until they land.
 _add_optional_group("cli.tape", "tape")
 _add_optional_group("cli.library", "library")
+_add_optional_group("cli.archive", "archive")
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ import click
 
 import vtl
 from cli.client import data_dir_option
+from cli.output import SIZE
 from vtl.library.identities import CHANGER_TYPES
 from vtl.errors import ApplianceError
 
@@ -58,17 +59,33 @@ class _Listen(click.ParamType):
 @click.option("--workers", type=click.IntRange(0, 64), default=None,
               help="Drive worker processes (a worker serves drives i, i+N, ...); 0 serves every "
                    "drive in the main process.  [default: one per drive, at most 2 x CPUs]")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="Object store for tapes: s3://bucket/prefix, or a directory.  "
+                   "[default: <data-dir>/store]")
+@click.option("--s3-endpoint", default=None, metavar="URL",
+              help="Endpoint of an S3-compatible server (credentials: standard AWS chain).")
+@click.option("--clock-speed", type=click.FloatRange(min=0, min_open=True), default=1.0,
+              show_default=True, help="Run archive model time N times faster (demos, tests).")
+@click.option("--cache-size", type=SIZE, default=None,
+              help="Local tape cache limit, e.g. 500GiB (default: unlimited).")
 def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str,
-          changer_type: str | None, storage_slots: int, ie_slots: int,
-          workers: int | None) -> None:
+          changer_type: str | None, storage_slots: int, ie_slots: int, workers: int | None,
+          store_url: str | None, s3_endpoint: str | None, clock_speed: float,
+          cache_size: int | None) -> None:
     """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
-    from vtl.engine.supervisor import Appliance, LibraryOptions  # keeps other commands' start-up light
+    from vtl.engine.supervisor import (  # keeps other commands' start-up light
+        Appliance,
+        CloudOptions,
+        LibraryOptions,
+    )
 
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(), format=LOG_FORMAT, force=True)
     try:
         library = LibraryOptions(changer_type=changer_type, storage_slots=storage_slots,
                                  ie_slots=ie_slots)
-        Appliance(data_dir, listen, authority=iqn_authority, library=library,
+        cloud = CloudOptions(store_url=store_url, s3_endpoint=s3_endpoint,
+                             clock_speed=clock_speed, cache_size=cache_size)
+        Appliance(data_dir, listen, authority=iqn_authority, library=library, cloud=cloud,
                   workers=workers).run()
     except ApplianceError as exc:
         raise click.ClickException(exc.message) from None

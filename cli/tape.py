@@ -144,11 +144,39 @@ def show(barcode: str, as_json: bool, data_dir: Path) -> None:
     code = _check(barcodes.validate_barcode, barcode)
     info = _tapes(client.call(data_dir, "DescribeTape", barcode=code))[0]
     if as_json:
-        click.echo(json.dumps({k: info.get(k) for k, _ in JSON_FIELDS}, indent=2))
+        doc = {k: info.get(k) for k, _ in JSON_FIELDS}
+        cloud = _cloud(data_dir, code)
+        if cloud is not None:  # upload progress: cloud_bytes, pending_bytes, safe_in_cloud...
+            doc["cloud"] = {k: cloud.get(k) for k in ("cloud_bytes", "pending_bytes",
+                                                      "upload_percent", "safe_in_cloud",
+                                                      "archived_at", "ready_at", "eta_seconds")}
+        click.echo(json.dumps(doc, indent=2))
         return
     human = _human(info)
     human["size_bytes"] = f"{human['size_bytes']} ({info.get('size_bytes')} bytes)"
     emit_record(human, [(k, label.lower()) for k, label in JSON_FIELDS], False)
+    cloud = _cloud(data_dir, code)
+    if cloud is not None:
+        click.echo(f"cloud: {cloud_text(cloud)}")
+
+
+def _cloud(data_dir: Path, code: str) -> dict[str, Any] | None:
+    """Upload progress from the cloud tier (None on an appliance without one)."""
+    try:
+        result = client.call(data_dir, "DescribeTapeCloud", barcode=code)
+    except click.ClickException:
+        return None
+    return result if isinstance(result, dict) else None
+
+
+def cloud_text(cloud: dict[str, Any]) -> str:
+    """``"safe in cloud (12.0 MiB)"`` or ``"3.0 MiB of 12.0 MiB uploaded (25.0%), 9.0 MiB not yet in the cloud"``."""
+    used, done = cloud.get("used_bytes") or 0, cloud.get("cloud_bytes") or 0
+    if cloud.get("safe_in_cloud"):
+        return f"safe in cloud ({human_bytes(used)})"
+    pct = cloud.get("upload_percent") or 0.0
+    return (f"{human_bytes(done)} of {human_bytes(used)} uploaded ({pct:.1f}%), "
+            f"{human_bytes(max(0, used - done))} not yet in the cloud")
 
 
 @tape.command("delete")

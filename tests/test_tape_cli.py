@@ -114,10 +114,18 @@ def test_show_and_delete(api: FakeApi) -> None:
     api.replies["DescribeTape"] = TAPE
     r = run(tape, "show", "vt0000001", "--json")
     assert r.exit_code == 0, r.output
-    assert api.calls[-1] == ("DescribeTape", {"barcode": "VT0000001"})
+    assert ("DescribeTape", {"barcode": "VT0000001"}) in api.calls
+    assert "cloud" not in json.loads(r.output)  # no cloud tier answered
     assert json.loads(r.output)["status"] == "AVAILABLE"
     r = run(tape, "show", "VT0000001")
     assert "barcode" in r.output and "ie 1601" in r.output
+    api.replies["DescribeTapeCloud"] = {"used_bytes": 4 << 20, "cloud_bytes": 1 << 20,
+                                        "safe_in_cloud": False, "upload_percent": 25.0}
+    r = run(tape, "show", "VT0000001")
+    assert "cloud: 1 MiB of 4 MiB uploaded (25.0%), 3 MiB not yet in the cloud" in r.output
+    api.replies["DescribeTapeCloud"] = {"used_bytes": 4 << 20, "cloud_bytes": 4 << 20,
+                                        "safe_in_cloud": True, "upload_percent": 100.0}
+    assert "cloud: safe in cloud (4 MiB)" in run(tape, "show", "VT0000001").output
     r = run(tape, "delete", "VT0000001")
     assert r.exit_code == 0 and api.calls[-1] == ("DeleteTape", {"barcode": "VT0000001"})
     assert "deleted tape VT0000001" in r.output

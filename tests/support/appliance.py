@@ -56,9 +56,9 @@ class ApplianceProcess:
     """One ``vtl serve`` subprocess on a data directory."""
 
     def __init__(self, data_dir: Path, host: str = "127.0.0.1", port: int = 0,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] | list[str] = ()) -> None:
         self.data_dir = Path(data_dir)
-        self.extra_args = tuple(extra_args)
+        self.extra_args = list(extra_args)  # more ``vtl serve`` flags (--clock-speed, --store...)
         self.host = host
         self.requested_port = port
         self.port = 0

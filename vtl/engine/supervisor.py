@@ -70,13 +70,25 @@ class LibraryOptions:
         return ElementLayout(storage=self.storage_slots, import_export=self.ie_slots)
 
 
+@dataclass(frozen=True, slots=True)
+class CloudOptions:
+    """Where tapes go when archived (``vtl serve --store/--s3-endpoint/--clock-speed``)."""
+
+    store_url: str | None = None  # None: LocalStore at <data-dir>/store
+    s3_endpoint: str | None = None
+    clock_speed: float = 1.0
+    cache_size: int | None = None
+
+
 class Appliance:
     """One appliance serving one data directory on one iSCSI portal."""
 
     def __init__(self, data_dir: Path, listen: tuple[str, int], *,
                  authority: str = vtl.DEFAULT_IQN_AUTHORITY,
-                 library: LibraryOptions | None = None, workers: int | None = None) -> None:
+                 library: LibraryOptions | None = None,
+                 cloud: CloudOptions | None = None, workers: int | None = None) -> None:
         self.library_options = library or LibraryOptions()
+        self.cloud_options = cloud or CloudOptions()
         drives = self.library_options.layout().drives
         #: drive worker processes; 0 serves the drives in this process
         self.workers = default_workers(drives) if workers is None else max(0, min(workers, drives))
@@ -227,10 +239,16 @@ class Appliance:
         self._add_service("volumes", VolumeService(catalog, self.data_dir, self.targets,
                                                    self.authority))
         opts = self.library_options
-        self._add_service("library", Library(catalog, self.data_dir, self.targets,
-                                             self.authority, self.gateway_id,
-                                             changer_type=opts.changer_type,
-                                             layout=opts.layout(), drive_host=self.pool))
+        library = Library(catalog, self.data_dir, self.targets, self.authority, self.gateway_id,
+                          changer_type=opts.changer_type, layout=opts.layout(),
+                          drive_host=self.pool)
+        self._add_service("library", library)
+        self._add_service("cloud", self._cloud_service(catalog, library))
+
+    def _cloud_service(self, catalog: Catalog, library: Library) -> Service:
+        from vtl.engine.cloudsetup import build_cloud_service
+
+        return build_cloud_service(catalog, self.data_dir, library, self.cloud_options)
 
     def _add_service(self, name: str, service: Service) -> None:
         service.start()

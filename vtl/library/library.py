@@ -124,6 +124,9 @@ class Library:
         self._requested_type = changer_type
         self.changer: MediaChanger | None = None
         self.drives: list[TapeDrive] = []
+        #: Hook run before a cartridge is opened for a drive (the cloud tier fetches evicted
+        #: segments back); raises SenseError if the tape cannot be made whole.
+        self.before_mount: Callable[[str], None] | None = None
 
     def _rehome(self, orphans: list[Any], contents: dict[int, Medium]) -> None:
         """Tapes whose element no longer exists go to the first free storage (else I/E) slot."""
@@ -258,6 +261,8 @@ class Library:
         status = TapeStatus(row["status"])
         if status not in LOADABLE and status != TapeStatus.IN_TRANSIT_TO_VTS:
             raise SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_READY_MANUAL_INTERVENTION)
+        if self.before_mount is not None:
+            self.before_mount(barcode)
         if self.drive_host is not None:  # the drive's worker opens it
             if not (self.tape_dir(barcode) / META_NAME).is_file():
                 log.error("cannot open cartridge %s: no cartridge files", barcode)

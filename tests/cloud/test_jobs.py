@@ -1,0 +1,190 @@
+"""CloudService in-process (no subprocess): a real Library on a catalog, a LocalStore and a
+ManualClock. Covers the sealed-segment upload job, LRU cache eviction, the read-back of evicted
+segments by ranged GETs when a drive loads the tape, and retrieval timing on the model clock."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from catalog import jobs as jq
+from catalog import tapes as q
+from catalog.db import open_catalog
+from vtl.cloud import tapestore as ts
+from vtl.cloud.clock import ManualClock
+from vtl.cloud.local import LocalStore
+from vtl.engine.jobs import CloudService, Wait
+from vtl.iscsi.target import Targets
+from vtl.library.cartridge import Cartridge
+from vtl.library.elements import ElementLayout
+from vtl.library.library import GiB, Library
+
+SEG = 64 * 1024
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Any:
+    catalog = open_catalog(tmp_path / "catalog.db")
+    lib = Library(catalog, tmp_path, Targets(), "iqn.2026-11.org.test", "sgw-00000001",
+                  layout=ElementLayout(drives=2, storage=4, import_export=4))
+    lib.start()
+    clock = ManualClock()
+    store = LocalStore(tmp_path / "store", clock=clock, durable=False)
+    yield lib, store, clock, catalog
+    lib.close()
+    catalog.close()
+
+
+def _service(lib: Library, store: LocalStore, clock: ManualClock, catalog: Any,
+             **kw: Any) -> CloudService:
+    svc = CloudService(catalog, lib.data_dir, lib, store, clock=clock, **kw)
+    lib.before_mount = svc._hydrate
+    return svc
+
+
+def _write(lib: Library, barcode: str, blocks: list[bytes]) -> None:
+    with Cartridge.open(lib.tape_dir(barcode), segment_size=SEG) as cart:
+        for b in blocks:
+            cart.write_block(b)
+        cart.write_filemarks(1)
+
+
+def test_upload_evict_and_read_back_on_load(rig: Any) -> None:
+    lib, store, clock, catalog = rig
+    barcode = lib.create_tapes({"prefix": "EV", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    blocks = [os.urandom(20_000) for _ in range(12)]
+    _write(lib, barcode, blocks)
+    svc = _service(lib, store, clock, catalog, cache_size=0)
+
+    async def scenario() -> None:
+        svc._scan_uploads()
+        assert jq.unfinished_job(catalog.db, "upload", barcode) is not None
+        await svc._job_upload(barcode, {})
+        tape = q.get_tape(catalog.db, barcode)
+        manifest = ts.load_manifest(store, barcode)
+        assert manifest is not None and tape is not None
+        assert tape["cloud_bytes"] == manifest.cloud_bytes > 0
+        freed = await svc._io(svc._evict_some, [barcode])
+        assert freed == sum(e.size for e in manifest.segments)
+
+    run(scenario())
+    tape_dir = lib.tape_dir(barcode)
+    assert len(ts.evicted_stubs(tape_dir)) >= 2 and len(ts.local_segments(tape_dir)) == 1
+    cart, read_only = lib.mount(barcode)  # what MOVE MEDIUM to a drive does
+    try:
+        assert not read_only and ts.evicted_stubs(tape_dir) == []
+        got = []
+        while (obj := cart.read_next()) is not None and not obj.is_filemark:
+            got.append(obj.data)
+        assert got == blocks
+    finally:
+        cart.close()
+    svc.close()
+
+
+def test_a_loaded_tape_is_never_evicted(rig: Any) -> None:
+    lib, store, clock, catalog = rig
+    barcode = lib.create_tapes({"prefix": "LD", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    _write(lib, barcode, [os.urandom(20_000) for _ in range(12)])
+    svc = _service(lib, store, clock, catalog, cache_size=0)
+    ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
+    with Cartridge.open(lib.tape_dir(barcode)):  # a drive holds the cartridge
+        assert svc._evict_some([barcode]) == 0
+    assert ts.evicted_stubs(lib.tape_dir(barcode)) == []
+    svc.close()
+
+
+def test_retrieval_waits_for_the_model_clock(rig: Any) -> None:
+    lib, store, clock, catalog = rig
+    barcode = lib.create_tapes({"prefix": "RT", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    svc = _service(lib, store, clock, catalog)
+
+    async def scenario() -> None:
+        svc.archive_tape({"barcode": barcode})
+        await svc._job_archive(barcode, {})
+        assert q.get_tape(catalog.db, barcode)["status"] == "ARCHIVED"
+        reply = svc.retrieve_tape({"barcode": barcode})
+        assert 3 * 3600 <= reply["eta_seconds"] <= 5 * 3600
+        with pytest.raises(Wait):
+            await svc._job_retrieve(barcode, {})
+        clock.advance(reply["eta_seconds"] - 60)
+        with pytest.raises(Wait):
+            await svc._job_retrieve(barcode, {"restores_requested": True})
+        clock.advance(13 * 3600)  # past the ready time and the store's own restore
+        await svc._job_retrieve(barcode, {"restores_requested": True})
+
+    run(scenario())
+    tape = q.get_tape(catalog.db, barcode)
+    assert tape["status"] == "RETRIEVED" and tape["element_address"] is not None
+    svc.close()
+
+
+def test_jobs_left_running_by_a_dead_process_are_resumed(tmp_path: Path) -> None:
+    catalog = open_catalog(tmp_path / "catalog.db")
+    db = catalog.db
+    first = jq.ensure_job(db, "archive", "AB00001", "2026-01-01T00:00:00+00:00")
+    assert jq.ensure_job(db, "archive", "AB00001", "2026-01-01T00:00:01+00:00") == first
+    jq.update_job(db, first, state="running")
+    assert jq.due_jobs(db, "2026-01-01T00:00:05+00:00") == []
+    assert jq.requeue_running(db, "2026-01-01T00:00:05+00:00") == 1
+    assert [j["id"] for j in jq.due_jobs(db, "2026-01-01T00:00:05+00:00")] == [first]
+    jq.update_job(db, first, state="done")
+    assert jq.ensure_job(db, "archive", "AB00001", "2026-01-01T00:00:06+00:00") != first
+    catalog.close()
+
+
+def test_model_clock_epoch_is_kept_across_restarts(tmp_path: Path) -> None:
+    from vtl.cloud.clock import FastClock, SystemClock
+    from vtl.engine.cloudsetup import CLOCK_SETTING, model_clock
+
+    catalog = open_catalog(tmp_path / "catalog.db")
+    assert isinstance(model_clock(catalog, 1.0), SystemClock)
+    a = model_clock(catalog, 3600.0)
+    b = model_clock(catalog, 3600.0)
+    assert isinstance(a, FastClock) and isinstance(b, FastClock) and a.epoch == b.epoch
+    reached = b.now()
+    c = model_clock(catalog, 10.0)  # a new speed continues from the model time reached
+    assert isinstance(c, FastClock) and c.epoch.model >= reached and c.speed == 10.0
+    assert catalog.get_setting(CLOCK_SETTING)
+    catalog.close()
+
+
+def test_a_load_fails_cleanly_when_evicted_data_cannot_be_read_back(
+        rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vtl.cloud.store import StoreUnavailable
+    from vtl.scsi.sense import SenseError, SenseKey
+
+    lib, store, clock, catalog = rig
+    barcode = lib.create_tapes({"prefix": "DN", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    blocks = [os.urandom(20_000) for _ in range(12)]
+    _write(lib, barcode, blocks)
+    svc = _service(lib, store, clock, catalog, cache_size=0)
+    ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
+    assert svc._evict_some([barcode]) > 0
+
+    def down(*a: Any, **k: Any) -> bytes:
+        raise StoreUnavailable("endpoint down")
+
+    monkeypatch.setattr(store, "get_object", down)
+    with pytest.raises(SenseError) as err:
+        lib.mount(barcode)
+    assert err.value.key == SenseKey.MEDIUM_ERROR
+    assert ts.evicted_stubs(lib.tape_dir(barcode))  # nothing opened with a hole in it
+    monkeypatch.undo()
+    cart, _ = lib.mount(barcode)  # the endpoint is back: the load works, data intact
+    try:
+        got = []
+        while (obj := cart.read_next()) is not None and not obj.is_filemark:
+            got.append(obj.data)
+        assert got == blocks
+    finally:
+        cart.close()
+    svc.close()
