@@ -52,12 +52,12 @@ CU_TESTS = [
     "SCSI.WriteVerify12", "SCSI.WriteVerify16", "SCSI.Verify10", "SCSI.Verify12",
     "SCSI.Verify16", "SCSI.Prefetch10", "SCSI.Prefetch16", "SCSI.ReadDefectData10",
     "SCSI.ReadDefectData12", "SCSI.GetLBAStatus", "SCSI.Unmap", "SCSI.WriteSame10",
-    "SCSI.WriteSame16", "SCSI.OrWrite", "SCSI.WriteAtomic16",
+    "SCSI.WriteSame16", "SCSI.OrWrite", "SCSI.WriteAtomic16", "SCSI.CompareAndWrite",
+    "SCSI.Reserve6",
 ]
 # Left out, each for a reason:
-#   SCSI.Prin*, SCSI.Prout*, SCSI.Reserve6  persistent reservations / RESERVE(6) are not
-#                                           implemented by volumes (no clustered initiators yet)
-#   SCSI.CompareAndWrite                    COMPARE AND WRITE (VAAI ATS) is not implemented
+#   SCSI.Prin*, SCSI.Prout*                 persistent reservations are not implemented by
+#                                           volumes (no clustered initiators yet)
 #   SCSI.ExtendedCopy, ReceiveCopyResults   third-party copy (XCOPY) is not implemented
 #   SCSI.Sanitize                           destroys the medium; needs -S; not implemented
 #   SCSI.MultipathIO                        needs a second portal URL (multipath)
