@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Protocol
 from vtl.scsi.cdb import CONTROL_USAGE, SbcOpcode, SbcServiceAction
 from vtl.scsi.command import ScsiCommand, ScsiResult, ScsiStatus
 from vtl.scsi.lu import Request, command
-from vtl.scsi.inquiry import VersionDescriptor
+from vtl.scsi.inquiry import VersionDescriptor, VpdPage
 from vtl.scsi.modepages import BlockDescriptor, DescriptorFormat, ModePage, control_mode_page
 from vtl.scsi.sense import Asc, SenseError, SenseKey, illegal_request
 from vtl.scsi.spc import SpcDevice
@@ -49,14 +49,6 @@ INVALID_FIELD_IN_COMMAND_IU = (0x0E, 0x03)
 
 _MIB = 1024 * 1024
 _ZERO_CHUNK = 1 * _MIB  # WRITE SAME writes in pieces of at most this many bytes
-
-
-class SbcVpdPage(enum.IntEnum):
-    """VPD pages a direct-access block device adds (SBC-3, "VPD parameters")."""
-
-    BLOCK_LIMITS = 0xB0
-    BLOCK_DEVICE_CHARACTERISTICS = 0xB1
-    LOGICAL_BLOCK_PROVISIONING = 0xB2
 
 
 class ProvisioningStatus(enum.IntEnum):
@@ -455,9 +447,9 @@ class BlockDevice(SpcDevice):
 
     def vpd_pages(self) -> dict[int, bytes]:
         return {
-            SbcVpdPage.BLOCK_LIMITS: self.limits.encode(),
-            SbcVpdPage.BLOCK_DEVICE_CHARACTERISTICS: block_device_characteristics_page(),
-            SbcVpdPage.LOGICAL_BLOCK_PROVISIONING: logical_block_provisioning_page(),
+            VpdPage.BLOCK_LIMITS: self.limits.encode(),
+            VpdPage.BLOCK_DEVICE_CHARACTERISTICS: block_device_characteristics_page(),
+            VpdPage.LOGICAL_BLOCK_PROVISIONING: logical_block_provisioning_page(),
         }
 
     def version_descriptors(self) -> list[int]:

@@ -15,7 +15,7 @@ import logging
 import socket
 
 import os
-from typing import Protocol
+from typing import Any, Protocol
 
 from vtl.iscsi.connection import ConnectionClosed, IscsiConnection, LoginCompleted, SessionState
 from vtl.iscsi.login import SessionType, TargetSettings
@@ -116,23 +116,19 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
         return conn.receive_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        conn = self.conn
-        if conn is None or self._closing:
-            return
-        try:
-            events = conn.receive_into(nbytes, self.loop.time())
-        except Exception:  # a bug in our state machine must not affect other sessions
-            log.exception("iSCSI connection %s failed", self.peer)
-            self._abort()
-            return
-        self._after(events)
+        if self.conn is not None:
+            self._feed(self.conn.receive_into, nbytes)
 
     def data_received(self, data: bytes) -> None:
-        conn = self.conn
-        if conn is None or self._closing:
+        """Bytes that arrived outside the receive buffer (e.g. before a resumed session)."""
+        if self.conn is not None:
+            self._feed(self.conn.receive_data, data)
+
+    def _feed(self, receive: Any, arg: Any) -> None:
+        if self._closing:
             return
         try:
-            events = conn.receive_data(data, self.loop.time())
+            events = receive(arg, self.loop.time())
         except Exception:  # a bug in our state machine must not affect other sessions
             log.exception("iSCSI connection %s failed", self.peer)
             self._abort()
