@@ -46,7 +46,6 @@ from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound
 from vtl.library.elements import ElementType
 from vtl.library.library import Library
 from vtl.library.lifecycle import TapeStatus, check_transition
-from vtl.scsi.sense import Asc, SenseError, SenseKey
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +111,7 @@ class CloudService:
         self._evicting = False
         self._stopping = threading.Event()
         self._tape_locks: dict[str, threading.Lock] = {}
+        self._fetches: dict[str, asyncio.Task[None]] = {}
         self.scheduler: Any = None
 
     # --- Service ---------------------------------------------------------------------------
@@ -135,9 +135,10 @@ class CloudService:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        for task in self._running.values():
+        for task in [*self._running.values(), *self._fetches.values()]:
             task.cancel()
         self._running.clear()
+        self._fetches.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def ops(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
@@ -400,19 +401,43 @@ class CloudService:
     def _lock_for(self, barcode: str) -> threading.Lock:
         return self._tape_locks.setdefault(barcode, threading.Lock())
 
-    def _hydrate(self, barcode: str) -> None:
-        """before_mount hook: fetch evicted segments back (ranged GETs) before a drive opens
-        the tape. Runs on the event loop: a load of an evicted tape waits for the fetch."""
+    def _hydrate(self, barcode: str) -> asyncio.Task[None] | None:
+        """before_mount hook (on the event loop): None if the tape's segments are all local,
+        else the task fetching the evicted ones back (ranged GETs, in the job pool). The loop
+        never waits for the store: the drive reports "becoming ready" (04/01) meanwhile."""
+        if not ts.evicted_stubs(self.library.tape_dir(barcode)):
+            return None
+        task = self._fetches.get(barcode)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._fetch(barcode),
+                                                          name=f"vtl-fetch-{barcode}")
+            self._fetches[barcode] = task
+            task.add_done_callback(lambda t: self._fetches.pop(barcode, None)
+                                   if self._fetches.get(barcode) is t else None)
+        return task
+
+    async def _fetch(self, barcode: str) -> None:
+        """Fetch a tape's evicted segments back, retrying with backoff while the store fails."""
+        attempts = 0
+        while True:
+            try:
+                n = await self._io(self._hydrate_now, barcode)
+            except (StoreError, OSError, ValueError) as exc:
+                delay = min(MAX_BACKOFF, 2.0 ** min(attempts, 6))
+                attempts += 1
+                log.warning("cannot read tape %s back from the store (attempt %d): %s; "
+                            "retrying in %.0f s", barcode, attempts, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            log.info("tape %s: %d bytes read back from the store", barcode, n)
+            return
+
+    def _hydrate_now(self, barcode: str) -> int:
         tape_dir = self.library.tape_dir(barcode)
         with self._lock_for(barcode):
             if not ts.evicted_stubs(tape_dir):
-                return
-            try:
-                n = ts.hydrate_tape(self.store, barcode, tape_dir)
-            except (StoreError, OSError, ValueError) as exc:
-                log.error("cannot read tape %s back from the store: %s", barcode, exc)
-                raise SenseError(SenseKey.MEDIUM_ERROR, Asc.MEDIUM_LOAD_OR_EJECT_FAILED) from None
-        log.info("tape %s: %d bytes read back from the store", barcode, n)
+                return 0
+            return ts.hydrate_tape(self.store, barcode, tape_dir)
 
     def cache_usage(self) -> int:
         root = self.data_dir / "cache" / "tapes"

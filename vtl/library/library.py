@@ -125,8 +125,11 @@ class Library:
         self.changer: MediaChanger | None = None
         self.drives: list[TapeDrive] = []
         #: Hook run before a cartridge is opened for a drive (the cloud tier fetches evicted
-        #: segments back); raises SenseError if the tape cannot be made whole.
-        self.before_mount: Callable[[str], None] | None = None
+        #: segments back). It returns None when the tape is local, or a pending fetch (an
+        #: object with ``add_done_callback(fn)``, fn called on this library's event loop
+        #: thread): the drive then reports "becoming ready" until the fetch is done, and the
+        #: changer loads the tape then (the loop never waits for the network).
+        self.before_mount: Callable[[str], Any] | None = None
 
     def _rehome(self, orphans: list[Any], contents: dict[int, Medium]) -> None:
         """Tapes whose element no longer exists go to the first free storage (else I/E) slot."""
@@ -262,7 +265,10 @@ class Library:
         if status not in LOADABLE and status != TapeStatus.IN_TRANSIT_TO_VTS:
             raise SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_READY_MANUAL_INTERVENTION)
         if self.before_mount is not None:
-            self.before_mount(barcode)
+            pending = self.before_mount(barcode)
+            if pending is not None:
+                pending.add_done_callback(lambda fut: self._fetched(barcode, fut))
+                return None, status in READ_ONLY
         if self.drive_host is not None:  # the drive's worker opens it
             if not (self.tape_dir(barcode) / META_NAME).is_file():
                 log.error("cannot open cartridge %s: no cartridge files", barcode)
@@ -274,6 +280,20 @@ class Library:
             log.error("cannot open cartridge %s: %s", barcode, exc)
             raise SenseError(SenseKey.MEDIUM_ERROR, Asc.MEDIUM_LOAD_OR_EJECT_FAILED) from None
         return cartridge, status in READ_ONLY
+
+    def _fetched(self, barcode: str, fut: Any) -> None:
+        """A deferred mount's data is local (or the fetch gave up): load it into its drive."""
+        if fut.cancelled() or fut.exception() is not None:
+            log.error("tape %s stays not ready: its data could not be fetched (%s)", barcode,
+                      "cancelled" if fut.cancelled() else fut.exception())
+            return
+        if self.changer is None:
+            return
+        try:
+            if self.changer.complete_load(barcode):
+                log.info("tape %s: data fetched back; the drive is ready", barcode)
+        except SenseError as exc:
+            log.error("tape %s cannot be loaded after its fetch: %s", barcode, exc)
 
     def unmount(self, barcode: str, cartridge: Any) -> None:
         """Close a cartridge a drive gave back and record how much of it is used."""
