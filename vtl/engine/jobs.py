@@ -41,7 +41,8 @@ from catalog.db import Catalog
 from vtl.cloud import tapestore as ts
 from vtl.cloud.clock import Clock, SystemClock
 from vtl.cloud.store import ObjectStore, StoreError
-from vtl.cloud.tiers import MAX_RETENTION_DAYS, Pool, can_move, draw_ready_time
+from vtl.cloud.tiers import MAX_RETENTION_DAYS, LockMode, Pool, can_move, draw_ready_time
+from vtl.engine.pools import PoolRegistry
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound
 from vtl.library.elements import ElementType
 from vtl.library.library import Library
@@ -113,6 +114,7 @@ class CloudService:
         self._tape_locks: dict[str, threading.Lock] = {}
         self._fetches: dict[str, asyncio.Task[None]] = {}
         self.scheduler: Any = None
+        self.pools = PoolRegistry(catalog, self._now)
 
     # --- Service ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +125,7 @@ class CloudService:
         self._resume_tapes()
         self._release_stale_cache()
         self.library.before_mount = self._hydrate
+        self.library.defer_delete = True  # deleted tapes go DELETING: a job removes objects
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="vtl-jobs")
         if self.scheduler is not None:
             self.scheduler.start()
@@ -143,7 +146,7 @@ class CloudService:
 
     def ops(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         extra = self.scheduler.ops() if self.scheduler is not None else {}
-        return {**extra,
+        return {**extra, **self.pools.ops(),
             "ArchiveTape": self.archive_tape,
             "CancelArchival": self.cancel_archival,
             "RetrieveTapeArchive": self.retrieve_tape,
@@ -324,16 +327,18 @@ class CloudService:
                                       stopping=self._stopping.is_set)
             if not manifest.complete:
                 raise Wait(1.0, "segments changed during the upload")
-            pool = Pool.parse(row["pool"] or "glacier")
+            pool = self.pools.storage_pool(row["pool"])
             pending = await self._io(ts.transition_tape, self.store, manifest, pool.storage_class)
             if pending:
                 raise Wait(5.0, f"{len(pending)} object(s) wait for a restore")
-            now = _iso(self._now())
+            archived = self._now()
+            now = _iso(archived)
             with q.transaction(self.db):
                 check_transition(S.ARCHIVING, S.ARCHIVED)
                 q.update_tape(self.db, barcode, status=S.ARCHIVED.value, archived_at=now,
                               cloud_bytes=manifest.cloud_bytes, used_bytes=manifest.cloud_bytes,
                               ready_at=None, updated_at=now)
+                self._stamp_lock(barcode, row, archived)
                 q.add_event(self.db, now, "tape.archive", barcode,
                             f"archived to the {pool.value} pool ({manifest.cloud_bytes} bytes)")
             # the local copy was only cache now: release it
@@ -375,13 +380,16 @@ class CloudService:
         row = q.get_tape(self.db, barcode)
         if row is None or row["status"] != S.DELETING.value:
             return
+        upload = jq.unfinished_job(self.db, "upload", barcode)
+        if upload is not None and upload["state"] == "running":
+            raise Wait(1.0, "an upload of the tape is finishing")  # it would write a manifest
         await self._io(ts.delete_tape_objects, self.store, barcode)
         await self._io(shutil.rmtree, self.library.tape_dir(barcode), True)
         now = _iso(self._now())
         with q.transaction(self.db):
             q.update_tape(self.db, barcode, status=S.DELETED.value, element_address=None,
                           cloud_bytes=0, updated_at=now)
-            q.add_event(self.db, now, "tape.delete", barcode, "archived tape deleted")
+            q.add_event(self.db, now, "tape.delete", barcode, "deleted with its objects")
 
     async def _job_reclass(self, barcode: str, payload: dict[str, Any]) -> None:
         """Move an archived tape's objects to its (new) pool's storage class."""
@@ -391,7 +399,7 @@ class CloudService:
         manifest = await self._io(ts.load_manifest, self.store, barcode)
         if manifest is None:
             return
-        pool = Pool.parse(row["pool"])
+        pool = self.pools.storage_pool(row["pool"])
         pending = await self._io(ts.transition_tape, self.store, manifest, pool.storage_class)
         if pending:
             await self._io(ts.request_restores, self.store, manifest, 1)
@@ -541,9 +549,10 @@ class CloudService:
             q.update_tape(self.db, code, status=S.IN_TRANSIT_TO_VTS.value, element_address=dest,
                           source_address=address if kind == ElementType.STORAGE else row["source_address"],
                           updated_at=now)
-            if days:  # a retention lock counted from the export (governance-free: not bypassable)
+            if days:  # a retention lock counted from the export (compliance: not bypassable)
                 q.update_tape(self.db, code,
-                              retention_until=_iso(self._now() + timedelta(days=days)))
+                              retention_until=_iso(self._now() + timedelta(days=days)),
+                              retention_lock=LockMode.COMPLIANCE.value)
             q.add_event(self.db, now, "tape.export", code, "exported for archiving")
         jq.ensure_job(self.db, "archive", code, self._wall_iso())
         return self.library.tape_json(q.get_tape(self.db, code) or row)
@@ -608,7 +617,7 @@ class CloudService:
         row = self._row(args)
         code = row["barcode"]
         check_transition(row["status"], S.RETRIEVING)
-        pool = Pool.parse(row["pool"] or "glacier")
+        pool = self.pools.storage_pool(row["pool"])
         requested = self._now()
         ready = draw_ready_time(pool, requested, seed=f"{code}:{_iso(requested)}")
         with q.transaction(self.db):
@@ -638,6 +647,7 @@ class CloudService:
             "retrieval_requested_at": requested and _iso(requested),
             "retrieved_at": row.get("retrieved_at"), "eta_seconds": eta,
             "retrieval_percent": pct, "retention_until": row.get("retention_until"),
+            "retention_lock": row.get("retention_lock") if row.get("retention_until") else None,
             "now": _iso(now),
         }
 
@@ -665,7 +675,7 @@ class CloudService:
         row = self._row(args)
         code = row["barcode"]
         dst = Pool.parse(str(args.get("pool") or ""))
-        src = Pool.parse(row["pool"] or "glacier")
+        src = self.pools.storage_pool(row["pool"])
         verdict = can_move(src, dst)
         if not verdict:
             raise Conflict(verdict.reason)
@@ -688,13 +698,31 @@ class CloudService:
         until = parse_time(row.get("retention_until"))
         now = self._now()
         if until is not None and now < until:
-            raise Conflict(f"tape {code} is under a retention lock until {_iso(until)}")
+            mode = row.get("retention_lock") or LockMode.COMPLIANCE.value
+            if mode == LockMode.COMPLIANCE.value:
+                raise Conflict(f"tape {code} is under a compliance retention lock until "
+                               f"{_iso(until)}: it cannot be deleted before then")
+            if not args.get("bypass_governance"):
+                raise Conflict(f"tape {code} is under a governance retention lock until "
+                               f"{_iso(until)}; add --bypass-governance to delete it anyway")
         check_transition(S.ARCHIVED, S.DELETING)
         with q.transaction(self.db):
             q.update_tape(self.db, code, status=S.DELETING.value, updated_at=_iso(now))
             q.add_event(self.db, _iso(now), "tape.delete", code, "deleting from the archive")
         jq.ensure_job(self.db, "delete", code, self._wall_iso())
         return self._archive_json(q.get_tape(self.db, code) or row)
+
+    def _stamp_lock(self, barcode: str, row: dict[str, Any], archived: datetime) -> None:
+        """The pool's retention lock starts now; a longer lock already on the tape stays."""
+        lock = self.pools.lock_of(row["pool"])
+        if lock is None or lock.days == 0:
+            return
+        until = lock.locked_until(archived)
+        held = parse_time(row.get("retention_until"))
+        if held is not None and held >= until:
+            return
+        q.update_tape(self.db, barcode, retention_until=_iso(until),
+                      retention_lock=lock.mode.value)
 
     def list_jobs(self, args: dict[str, Any]) -> dict[str, Any]:
         rows = jq.list_jobs(self.db, unfinished_only=bool(args.get("unfinished")))

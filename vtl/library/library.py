@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from catalog import pools as pq
 from catalog import tapes as q
 from catalog.db import Catalog
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, LimitExceeded, NotFound
@@ -130,6 +131,9 @@ class Library:
         #: thread): the drive then reports "becoming ready" until the fetch is done, and the
         #: changer loads the tape then (the loop never waits for the network).
         self.before_mount: Callable[[str], Any] | None = None
+        #: Set by the cloud tier: a deleted tape stays DELETING until a job has removed its
+        #: objects from the store (then DELETED); without it a deletion is immediate.
+        self.defer_delete = False
 
     def _rehome(self, orphans: list[Any], contents: dict[int, Medium]) -> None:
         """Tapes whose element no longer exists go to the first free storage (else I/E) slot."""
@@ -428,12 +432,16 @@ class Library:
                 f"GiB to {lim.max_tape_bytes // TiB} TiB (e.g. --size 200GiB)")
         return value
 
-    @staticmethod
-    def _pool(value: Any) -> str:
+    def _pool(self, value: Any) -> str:
+        """A built-in pool (normalised) or a custom pool of the catalog (its stored name)."""
         pool = str(value or "glacier").strip().lower().replace("_", "-")
-        if pool not in POOLS:
-            raise InvalidRequest(f"unknown pool {value!r}: use glacier or deep-archive")
-        return pool
+        if pool in POOLS:
+            return pool
+        custom = pq.get_pool(self.db, str(value).strip()) if value else None
+        if custom is None:
+            raise InvalidRequest(f"unknown pool {value!r}: use glacier, deep-archive or a pool "
+                                 "from `vtl archive pool list`")
+        return str(custom["name"])
 
     def create_tapes(self, args: dict[str, Any]) -> dict[str, Any]:
         """CreateTapes: ``prefix``, ``count`` (1-10), ``size_bytes``, ``pool``, ``worm``."""
@@ -535,11 +543,13 @@ class Library:
             raise Conflict(f"tape {code} is in drive {self.layout.drive_index(address)}; "
                            "move it to a slot first (e.g. `mtx unload`)")
         check_transition(row["status"], TapeStatus.DELETING)
+        final = TapeStatus.DELETING if self.defer_delete else TapeStatus.DELETED
         now = self._now()
         with q.transaction(self.db):
-            q.update_tape(self.db, code, status=TapeStatus.DELETED.value, element_address=None,
+            q.update_tape(self.db, code, status=final.value, element_address=None,
                           source_address=None, updated_at=now)
-            q.add_event(self.db, now, "tape.delete", code, "deleted")
+            q.add_event(self.db, now, "tape.delete", code, "deleted" if final is
+                        TapeStatus.DELETED else "deleting (its objects are removed next)")
         if address is not None and changer.locate(code) == address:
             changer.remove(address)
         shutil.rmtree(self.tape_dir(code), ignore_errors=True)
