@@ -132,7 +132,8 @@ def test_reading_an_evicted_tape_does_not_pause_the_appliance(tmp_path: Path,
     """The tape's sealed segments were uploaded and evicted from the cache. While the server
     holds the GETs (SIGSTOP), MOVE MEDIUM into a drive still completes, the drive says NOT READY
     04/01 (becoming ready), and the changer and the control API answer; once the server goes on
-    (SIGCONT) the drive becomes ready and the tape reads back bit-exact."""
+    (SIGCONT) the drive becomes ready and the tape reads back bit-exact. Deleting the tape then
+    removes its objects from the bucket."""
     from vtl.library.cartridge import Cartridge
 
     server = SeaweedServer(tmp_path / "weed")
@@ -183,6 +184,17 @@ def test_reading_an_evicted_tape_does_not_pause_the_appliance(tmp_path: Path,
                     res = drive.read6(len(block), sili=True)
                     assert res.good and res.data == block
                 assert not list(tape_dir.glob("*.evicted"))
+                assert changer.move_medium(drive0, ie).good
+
+            # deleting the tape removes its objects from the bucket too
+            prefix = f"gw2/tapes/{barcode}/"
+            assert s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("KeyCount", 0) > 0
+            r = app.cli("tape", "delete", barcode)
+            assert r.exit_code == 0, r.output
+            wait_for("the tape's objects deleted", lambda: s3.list_objects_v2(
+                Bucket=BUCKET, Prefix=prefix).get("KeyCount", 0) == 0)
+            wait_for("DELETED", lambda: app.call("ListTapes", status="DELETED")
+                     ["result"]["tapes"])
     finally:
         server.stop()
         shutil.rmtree(tmp_path / "weed", ignore_errors=True)
