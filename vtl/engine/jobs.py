@@ -18,6 +18,13 @@ Store errors: :class:`~vtl.cloud.store.StoreUnavailable` (endpoint down, 5xx, th
 other store errors leave the data in the local cache (the upload buffer) and the job retries with
 exponential backoff (1 s doubling to 60 s, real time). Model time (the injectable clock, ``vtl
 serve --clock-speed``) decides only archive timings: retrieval ready times and timestamps.
+
+Evicted tapes: loading one never makes the event loop wait for the store. The library's
+``before_mount`` hook starts a fetch task (ranged GETs of every evicted segment, in the pool,
+retried with backoff while the store fails) and the drive answers NOT READY 04/01 (becoming
+ready) until the changer loads the fetched cartridge. Deleted tapes go DELETING and a ``delete``
+job removes their objects before they become DELETED. Pools (built-in and custom, with
+retention locks) are resolved by :class:`~vtl.engine.pools.PoolRegistry`.
 """
 
 from __future__ import annotations
