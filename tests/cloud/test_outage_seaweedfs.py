@@ -113,6 +113,26 @@ def test_outage_mid_multipart_upload_loses_nothing(tmp_path: Path, boto_session:
             jobs = [j for j in app.call("ListJobs")["result"]["jobs"]
                     if j["kind"] == "archive" and j["subject"] == barcode]
             assert jobs[-1]["state"] == "done"
+
+            # and it comes back: SeaweedFS refuses RestoreObject but serves archived objects
+            r = app.cli("archive", "retrieve", barcode, "--wait")
+            assert r.exit_code == 0, r.output
+            back = app.call("DescribeTape", barcode=barcode)["result"]
+            assert back["status"] == "RETRIEVED"
+            with Session((app.portal, info["changer"]["target_iqn"], 0)) as changer:
+                for _ in range(5):  # past the UNIT ATTENTIONs of the I/E changes
+                    res = changer.move_medium(back["location"]["address"], drive0)
+                    if not (res.check_condition and res.sense_key == 0x06):
+                        break
+                assert res.good, res.describe()
+                with Session((app.portal, info["drives"][0]["target_iqn"], 0)) as drive:
+                    for _ in range(5):
+                        res = drive.test_unit_ready()
+                        if res.good:
+                            break
+                    for block in blocks:
+                        res = drive.read6(len(block), sili=True)
+                        assert res.good and res.data == block
     finally:
         server.stop()
         shutil.rmtree(tmp_path / "weed", ignore_errors=True)
