@@ -204,7 +204,7 @@ def test_reading_an_evicted_tape_does_not_pause_the_appliance(tmp_path: Path,
                     res = drive.read6(len(block), sili=True)
                     assert res.good and res.data == block
                 assert not list(tape_dir.glob("*.evicted"))
-                assert changer.move_medium(drive0, ie).good
+                assert changer.move_medium(drive0, 0x1000).good  # a storage slot, not I/E
 
             # deleting the tape removes its objects from the bucket too
             prefix = f"gw2/tapes/{barcode}/"
