@@ -2,8 +2,10 @@
 RetrieveTapeArchive, DescribeTapeArchives, AssignTapePool, DeleteTapeArchive) and schedules.
 
 ``--json`` fields of ``vtl archive list``: barcode, status, pool, size_bytes, used_bytes,
-cloud_bytes, archived_at, ready_at, eta_seconds, retrieval_percent, retrieved_at (times are
-model time, ISO 8601 UTC; ``eta_seconds`` in model seconds).
+cloud_bytes, archived_at, ready_at, eta_seconds, retrieval_percent, retrieved_at,
+retention_until, retention_lock (times are model time, ISO 8601 UTC; ``eta_seconds`` in model
+seconds). ``vtl archive pool list --json``: name, storage_class, retention_lock, retention_days,
+custom, tapes, created_at.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ JSON_FIELDS: list[tuple[str, str]] = [
     ("barcode", "BARCODE"), ("status", "STATUS"), ("pool", "POOL"), ("size_bytes", "SIZE"),
     ("used_bytes", "USED"), ("cloud_bytes", "IN CLOUD"), ("archived_at", "ARCHIVED"),
     ("ready_at", "READY AT"), ("eta_seconds", "ETA"), ("retrieval_percent", "RETRIEVAL %"),
-    ("retrieved_at", "RETRIEVED"),
+    ("retrieved_at", "RETRIEVED"), ("retention_until", "RETAINED UNTIL"),
+    ("retention_lock", "RETENTION LOCK"),
 ]
 TABLE_COLUMNS: list[tuple[str, str]] = [
     ("barcode", "BARCODE"), ("status", "STATUS"), ("pool", "POOL"), ("used_bytes", "USED"),

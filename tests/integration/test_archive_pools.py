@@ -64,6 +64,10 @@ def test_pools_and_retention_locks_through_the_cli(tmp_path: Path) -> None:
             wait_for(f"{code} ARCHIVED", lambda c=code: app.call("DescribeTape", barcode=c)
                      ["result"]["status"] == "ARCHIVED")
 
+        shelf = {t["barcode"]: t for t in json.loads(app.cli("archive", "list", "--json").output)}
+        assert shelf[legal]["pool"] == "Legal" and shelf[legal]["retention_lock"] == "compliance"
+        assert shelf[ops]["retention_lock"] == "governance" and shelf[ops]["retention_until"]
+
         r = app.cli("archive", "delete", legal, "--bypass-governance")
         assert r.exit_code != 0
         lines = [ln for ln in r.output.splitlines() if ln.strip()]
