@@ -232,3 +232,68 @@ def test_a_load_waits_becoming_ready_while_the_store_is_down(
         got.append(obj.data)
     assert got == blocks
     svc.close()
+
+
+def test_a_restart_while_a_drive_is_becoming_ready_loses_nothing(rig: Any, tmp_path: Path) -> None:
+    """The appliance stops while an evicted tape in a drive is being fetched back: at the next
+    start the drive is becoming ready again (the cartridge is never opened with its segments
+    missing, which recovery would take for a gap), the fetch runs again and the tape loads."""
+    from vtl.library.cartridge import Cartridge as Cart
+    from vtl.library.cartridge import SegmentsEvicted
+
+    lib, store, clock, catalog = rig
+    barcode = lib.create_tapes({"prefix": "RS", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    blocks = [os.urandom(20_000) for _ in range(12)]
+    _write(lib, barcode, blocks)
+    svc = _service(lib, store, clock, catalog, cache_size=0)
+    ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
+    assert svc._evict_some([barcode]) > 0
+    held = threading.Event()
+    real_get = store.get_object
+
+    def held_get(key: str, **kw: Any) -> bytes:  # held, then cut by the stop
+        from vtl.cloud.store import StoreUnavailable
+        held.wait(30)
+        raise StoreUnavailable("connection lost at shutdown")
+
+    store.get_object = held_get  # type: ignore[method-assign]
+    changer = lib.changer
+    assert changer is not None
+
+    async def load_then_stop() -> None:
+        changer.move_medium(changer.locate(barcode) or 0, lib.layout.drive_address(0))
+        assert changer.drive(0).becoming_ready == barcode
+        svc.close()  # the appliance stops with the fetch held
+
+    run(load_then_stop())
+    held.set()
+    svc._pool.shutdown(wait=True)  # the cut fetch has ended
+    lib.close()
+    tape_dir = lib.tape_dir(barcode)
+    with pytest.raises(SegmentsEvicted):
+        Cart.open(tape_dir)  # never opened with a hole
+    store.get_object = real_get  # type: ignore[method-assign]
+
+    lib2 = Library(catalog, tmp_path, Targets(), "iqn.2026-11.org.test", "sgw-00000001",
+                   layout=ElementLayout(drives=2, storage=4, import_export=4))
+    lib2.start()
+    drive = lib2.drives[0]
+    assert drive.becoming_ready == barcode and ts.evicted_stubs(tape_dir)
+    svc2 = CloudService(catalog, tmp_path, lib2, store, clock=clock, cache_size=None)
+
+    async def restart() -> None:
+        svc2.start()
+        for _ in range(1000):
+            if drive.cartridge is not None:
+                break
+            await asyncio.sleep(0.01)
+        svc2.close()
+
+    run(restart())
+    cart = drive.cartridge
+    assert cart is not None
+    got = []
+    while (obj := cart.read_next()) is not None and not obj.is_filemark:
+        got.append(obj.data)
+    assert got == blocks
+    lib2.close()

@@ -32,7 +32,7 @@ from typing import Any
 import crc32c as _crc32c
 
 from vtl.cloud.store import ObjectNotFound, ObjectStore, StorageClass
-from vtl.library.cartridge import SEG_HDR_LEN
+from vtl.library.cartridge import EVICTED_SUFFIX, SEG_HDR_LEN
 
 MANIFEST_FORMAT = "vtl-tape-manifest"
 MANIFEST_VERSION = 1
@@ -273,7 +273,6 @@ def delete_tape_objects(store: ObjectStore, barcode: str) -> int:
 
 
 # --- the local copy as a cache: eviction and read-back ----------------------------------------
-EVICTED_SUFFIX = ".evicted"
 RANGE_SIZE = 8 << 20
 
 

@@ -133,6 +133,7 @@ class CloudService:
         self._release_stale_cache()
         self.library.before_mount = self._hydrate
         self.library.defer_delete = True  # deleted tapes go DELETING: a job removes objects
+        self._resume_fetches()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="vtl-jobs")
         if self.scheduler is not None:
             self.scheduler.start()
@@ -430,6 +431,18 @@ class CloudService:
             task.add_done_callback(lambda t: self._fetches.pop(barcode, None)
                                    if self._fetches.get(barcode) is t else None)
         return task
+
+    def _resume_fetches(self) -> None:
+        """Drives left becoming ready by a restart (their tape's fetch was cut): fetch again."""
+        for drive in self.library.drives:
+            barcode = getattr(drive, "becoming_ready", None)
+            if barcode is None:
+                continue
+            task = self._hydrate(barcode)
+            if task is not None:
+                task.add_done_callback(lambda t, b=barcode: self.library._fetched(b, t))
+            elif self.library.changer is not None:  # fetched, but not loaded before the stop
+                self.library.changer.complete_load(barcode)
 
     async def _fetch(self, barcode: str) -> None:
         """Fetch a tape's evicted segments back, retrying with backoff while the store fails."""

@@ -36,7 +36,7 @@ from catalog.db import Catalog
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from vtl.iscsi.target import IscsiTarget, Targets
 from vtl.library import barcodes
-from vtl.library.cartridge import META_NAME, Cartridge, CartridgeError
+from vtl.library.cartridge import META_NAME, Cartridge, CartridgeError, has_evicted_segments
 from vtl.library.changer import MediaChanger, Medium
 from vtl.library.drive import TapeDrive
 from vtl.library.elements import DeviceIdentifier, ElementLayout, ElementType
@@ -203,6 +203,11 @@ class Library:
                 imported=row["status"] != TapeStatus.IN_TRANSIT_TO_VTS.value)
             if kind == ElementType.DATA_TRANSFER:
                 drive = self.drives[self.layout.drive_index(address)]
+                if has_evicted_segments(self.tape_dir(row["barcode"])):
+                    # stopped while its data was being fetched back: the cloud tier fetches
+                    # it again at its start and the changer loads it then
+                    drive.begin_load(row["barcode"])
+                    continue
                 try:
                     cartridge, read_only = self.mount(row["barcode"])
                     drive.load(cartridge, read_only=read_only)
