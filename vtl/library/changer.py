@@ -79,8 +79,8 @@ class MediumStore(Protocol):
     ``mount`` opens the cartridge of ``barcode`` for a drive and says whether it is read-only
     (raise SenseError when it may not be loaded); a cartridge of None means its data is still
     being fetched: the drive is told to :meth:`Drive.begin_load` and the store calls
-    :meth:`MediaChanger.complete_load` when the data is there; ``unmount`` releases a cartridge a drive gave
-    back (``cartridge`` may be None); ``moved`` persists a completed move (new element, source
+    :meth:`MediaChanger.complete_load` when the data is there; ``unmount`` releases a
+    cartridge a drive gave back (``cartridge`` may be None); ``moved`` persists a completed move (new element, source
     address, status effects, events) and must raise if it could not.
     """
 
@@ -388,7 +388,8 @@ class MediaChanger(SpcDevice):
         """The data of a tape put into a drive by a deferred mount is local now: load it, if
         the tape is still in a drive that is becoming ready with it. Returns True if loaded."""
         for address, medium in self._contents.items():
-            if medium.barcode != barcode or self.layout.type_of(address) != ElementType.DATA_TRANSFER:
+            if (medium.barcode != barcode
+                    or self.layout.type_of(address) != ElementType.DATA_TRANSFER):
                 continue
             drive = self._drives[self.layout.drive_index(address)]
             if getattr(drive, "becoming_ready", None) != barcode:
