@@ -104,9 +104,28 @@ def _m002_cloud_tier(db: sqlite_utils.Database) -> None:
     db["tapes"].add_column("retrieval_requested_at", str)
 
 
+def _m003_pools(db: sqlite_utils.Database) -> None:
+    # Custom archive pools (CreateTapePool): storage class and an optional retention lock.
+    db["pools"].create(
+        {
+            "name": str,
+            "storage_class": str,  # glacier | deep-archive
+            "retention_lock": str,  # governance | compliance | NULL (none)
+            "retention_days": int,
+            "created_at": str,
+        },
+        pk="name",
+        not_null={"storage_class"},
+        defaults={"retention_days": 0},
+    )
+    # The lock mode a tape's retention_until was set under (governance | compliance).
+    db["tapes"].add_column("retention_lock", str)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
     ("002_cloud_tier", _m002_cloud_tier),
+    ("003_pools", _m003_pools),
 ]
 
 

@@ -2,8 +2,10 @@
 RetrieveTapeArchive, DescribeTapeArchives, AssignTapePool, DeleteTapeArchive) and schedules.
 
 ``--json`` fields of ``vtl archive list``: barcode, status, pool, size_bytes, used_bytes,
-cloud_bytes, archived_at, ready_at, eta_seconds, retrieval_percent, retrieved_at (times are
-model time, ISO 8601 UTC; ``eta_seconds`` in model seconds).
+cloud_bytes, archived_at, ready_at, eta_seconds, retrieval_percent, retrieved_at,
+retention_until, retention_lock (times are model time, ISO 8601 UTC; ``eta_seconds`` in model
+seconds). ``vtl archive pool list --json``: name, storage_class, retention_lock, retention_days,
+custom, tapes, created_at.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ JSON_FIELDS: list[tuple[str, str]] = [
     ("barcode", "BARCODE"), ("status", "STATUS"), ("pool", "POOL"), ("size_bytes", "SIZE"),
     ("used_bytes", "USED"), ("cloud_bytes", "IN CLOUD"), ("archived_at", "ARCHIVED"),
     ("ready_at", "READY AT"), ("eta_seconds", "ETA"), ("retrieval_percent", "RETRIEVAL %"),
-    ("retrieved_at", "RETRIEVED"),
+    ("retrieved_at", "RETRIEVED"), ("retention_until", "RETAINED UNTIL"),
+    ("retention_lock", "RETENTION LOCK"),
 ]
 TABLE_COLUMNS: list[tuple[str, str]] = [
     ("barcode", "BARCODE"), ("status", "STATUS"), ("pool", "POOL"), ("used_bytes", "USED"),
@@ -143,11 +146,79 @@ def move(barcode: str, pool: str, data_dir: Path) -> None:
 
 @archive.command("delete")
 @click.argument("barcode")
+@click.option("--bypass-governance", is_flag=True,
+              help="Delete despite a governance retention lock (compliance locks hold).")
 @data_dir_option
-def delete(barcode: str, data_dir: Path) -> None:
+def delete(barcode: str, bypass_governance: bool, data_dir: Path) -> None:
     """Delete an archived tape and its objects (refused under a retention lock)."""
-    t = client.call(data_dir, "DeleteTapeArchive", barcode=_code(barcode))
+    args: dict[str, Any] = {"barcode": _code(barcode)}
+    if bypass_governance:
+        args["bypass_governance"] = True
+    t = client.call(data_dir, "DeleteTapeArchive", **args)
     click.echo(f"tape {t['barcode']} is {t['status']}")
+
+
+# --- custom pools ---------------------------------------------------------------------------
+POOL_FIELDS: list[tuple[str, str]] = [
+    ("name", "NAME"), ("storage_class", "STORAGE CLASS"), ("retention_lock", "RETENTION LOCK"),
+    ("retention_days", "DAYS"), ("custom", "CUSTOM"), ("tapes", "TAPES"),
+    ("created_at", "CREATED"),
+]
+
+
+@archive.group("pool")
+def pool() -> None:
+    """Archive pools: the built-in glacier and deep-archive, and custom pools with retention locks."""
+
+
+@pool.command("create")
+@click.argument("name")
+@click.option("--storage-class", required=True, type=click.Choice(["glacier", "deep-archive"]),
+              help="Where the pool's tapes are archived.")
+@click.option("--retention-lock", type=click.Choice(["governance", "compliance"]), default=None,
+              help="Tapes cannot be deleted for --retention-days after archiving (governance: "
+                   "unless bypassed; compliance: never).")
+@click.option("--retention-days", type=click.IntRange(0, 36500), default=None,
+              help="Length of the retention lock, 0 to 36500 days.")
+@click.option("--json", "as_json", is_flag=True, help="Print the pool as JSON.")
+@data_dir_option
+def pool_create(name: str, storage_class: str, retention_lock: str | None,
+                retention_days: int | None, as_json: bool, data_dir: Path) -> None:
+    """Create a custom pool; tapes created with --pool NAME archive into it."""
+    if (retention_lock is None) != (retention_days is None):
+        raise click.ClickException("give --retention-lock and --retention-days together")
+    args: dict[str, Any] = {"name": name, "storage_class": storage_class}
+    if retention_lock is not None:
+        args.update(retention_lock=retention_lock, retention_days=retention_days)
+    p = client.call(data_dir, "CreateTapePool", **args)
+    if as_json:
+        click.echo(json.dumps(p, indent=2))
+        return
+    lock = (f", {p['retention_lock']} retention lock of {p['retention_days']} days"
+            if p.get("retention_lock") else "")
+    click.echo(f"pool {p['name']} created ({p['storage_class']}{lock})")
+
+
+@pool.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+@data_dir_option
+def pool_list(as_json: bool, data_dir: Path) -> None:
+    """List pools: storage class, retention lock, tapes in each."""
+    rows = client.call(data_dir, "ListTapePools")["pools"]
+    if not as_json:
+        rows = [{**r, "retention_lock": r.get("retention_lock") or "-",
+                 "custom": "yes" if r.get("custom") else "no",
+                 "created_at": r.get("created_at") or "-"} for r in rows]
+    emit(rows, POOL_FIELDS, as_json)
+
+
+@pool.command("delete")
+@click.argument("name")
+@data_dir_option
+def pool_delete(name: str, data_dir: Path) -> None:
+    """Delete a custom pool that holds no tape."""
+    client.call(data_dir, "DeleteTapePool", name=name)
+    click.echo(f"pool {name} deleted")
 
 
 # --- schedules ------------------------------------------------------------------------------

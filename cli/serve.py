@@ -68,10 +68,16 @@ class _Listen(click.ParamType):
               show_default=True, help="Run archive model time N times faster (demos, tests).")
 @click.option("--cache-size", type=SIZE, default=None,
               help="Local tape cache limit, e.g. 500GiB (default: unlimited).")
+@click.option("--s3-part-size", type=SIZE, default=None,
+              help="Multipart upload part size for S3, at least 5MiB.  [default: 16MiB]")
+@click.option("--upload-rate-limit", "upload_rate", type=SIZE, default=None,
+              help="Upload bandwidth limit to S3 in bytes per second, e.g. 100MiB "
+                   "(default: unlimited).")
 def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str,
           changer_type: str | None, storage_slots: int, ie_slots: int, workers: int | None,
           store_url: str | None, s3_endpoint: str | None, clock_speed: float,
-          cache_size: int | None) -> None:
+          cache_size: int | None, s3_part_size: int | None,
+          upload_rate: int | None) -> None:
     """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
     from vtl.engine.supervisor import (  # keeps other commands' start-up light
         Appliance,
@@ -84,7 +90,8 @@ def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level
         library = LibraryOptions(changer_type=changer_type, storage_slots=storage_slots,
                                  ie_slots=ie_slots)
         cloud = CloudOptions(store_url=store_url, s3_endpoint=s3_endpoint,
-                             clock_speed=clock_speed, cache_size=cache_size)
+                             clock_speed=clock_speed, cache_size=cache_size,
+                             s3_part_size=s3_part_size, upload_rate=upload_rate)
         Appliance(data_dir, listen, authority=iqn_authority, library=library, cloud=cloud,
                   workers=workers).run()
     except ApplianceError as exc:

@@ -90,8 +90,9 @@ def tape() -> None:
 @click.option("--barcode", help="One tape with this exact barcode (5-16 of A-Z, 0-9).")
 @click.option("--size", "size", type=SIZE, required=True,
               help="Tape size, whole GiB from 100GiB to 15TiB, e.g. 200GiB.")
-@click.option("--pool", type=click.Choice(["glacier", "deep-archive"]), default="glacier",
-              show_default=True, help="Archive pool the tape goes to when ejected.")
+@click.option("--pool", default="glacier", show_default=True,
+              help="Archive pool the tape goes to when ejected: glacier, deep-archive or a "
+                   "custom pool (`vtl archive pool list`).")
 @click.option("--worm", is_flag=True, help="Write once, read many (append-only) tapes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new tapes as JSON.")
 @data_dir_option

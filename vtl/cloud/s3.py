@@ -13,6 +13,12 @@ Invariants:
   unfinished upload is left behind by us (if even the abort fails because the endpoint is gone,
   :meth:`S3Store.abort_stale_multipart_uploads` cleans up later; an S3 lifecycle rule
   "AbortIncompleteMultipartUpload" is the belt to these braces).
+- A multipart upload whose abort failed (the endpoint went away mid-upload) is remembered and
+  aborted again before the next upload and by :meth:`S3Store.abort_stale_multipart_uploads`,
+  so an outage leaves no unfinished upload once the endpoint is back.
+- ``upload_rate`` (bytes per second, optional) caps the upload bandwidth of the whole store
+  (every part and single PUT takes its bytes from one token bucket), as a gateway's bandwidth
+  rate limit does.
 - Retries: botocore's adaptive mode with ``max_attempts`` and short connect/read timeouts, so an
   outage surfaces as :class:`StoreUnavailable` within seconds and the job layer decides when to
   try again.
@@ -32,6 +38,7 @@ import io
 import logging
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
@@ -197,6 +204,23 @@ class _StreamReader(io.RawIOBase):
         super().close()
 
 
+class _Throttle:
+    """A token bucket shared by the upload threads: ``take(n)`` sleeps until ``n`` bytes fit."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, nbytes: int) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + nbytes / self.rate
+        if start > now:
+            time.sleep(start - now)
+
+
 class S3Store:
     """:class:`vtl.cloud.store.ObjectStore` on S3 (boto3), credentials from the standard chain."""
 
@@ -217,6 +241,7 @@ class S3Store:
         checksum_algorithm: ChecksumAlgorithm | None = ChecksumAlgorithm.CRC32C,
         clock: Clock | None = None,
         session: Any = None,
+        upload_rate: int | None = None,
     ) -> None:
         """``checksum_algorithm=None`` sends Content-MD5 only (for servers known to lack
         flexible checksums). ``session`` is an optional ``boto3.Session`` (profiles, tests)."""
@@ -226,6 +251,10 @@ class S3Store:
             raise StoreError(f"part size {part_size} is below S3's minimum of 5 MiB", code="InvalidArgument")
         if max_concurrency < 1:
             raise StoreError("max_concurrency must be at least 1", code="InvalidArgument")
+        if upload_rate is not None and upload_rate < 1:
+            raise StoreError("upload_rate must be at least 1 byte/s", code="InvalidArgument")
+        self._throttle = _Throttle(upload_rate) if upload_rate else None
+        self._unaborted: set[tuple[str, str]] = set()  # (full key, upload id) to abort again
         self.bucket = bucket
         self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
         self.endpoint_url = endpoint_url
@@ -392,6 +421,8 @@ class S3Store:
         self, key: str, body: bytes, storage_class: StorageClass, metadata: dict[str, str]
     ) -> ObjectInfo:
         full = self._full_key(key)
+        if self._throttle is not None:
+            self._throttle.take(len(body))
 
         def put(client: Any, checksums: bool) -> Any:
             return client.put_object(
@@ -494,6 +525,8 @@ class S3Store:
 
     def _upload_part(self, full: str, upload_id: str, number: int, body: bytes, checksums: bool) -> dict[str, Any]:
         """Upload one part (runs on a pool thread); raw botocore exceptions propagate."""
+        if self._throttle is not None:
+            self._throttle.take(len(body))
         client = self._client if checksums else self._legacy_client()
         resp = client.upload_part(
             Bucket=self.bucket,
@@ -521,6 +554,7 @@ class S3Store:
         progress: ProgressCallback | None,
     ) -> ObjectInfo:
         full = self._full_key(key)
+        self._abort_leftovers()
 
         def create(client: Any, checksums: bool) -> tuple[Any, bool]:
             args = self._checksum_args(checksums, None)
@@ -606,7 +640,27 @@ class S3Store:
         try:
             self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
         except (BotoCoreError, ClientError) as exc:
+            with self._lock:
+                self._unaborted.add((full, upload_id))
             log.warning("could not abort multipart upload %s of %s: %s (abort_stale_multipart_uploads will)", upload_id, full, exc)
+
+    def _abort_leftovers(self) -> int:
+        """Abort again the uploads whose abort failed before; keep those that fail again."""
+        with self._lock:
+            leftovers = sorted(self._unaborted)
+        done = 0
+        for full, upload_id in leftovers:
+            try:
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") not in ("NoSuchUpload", "404"):
+                    continue
+            except BotoCoreError:
+                continue
+            with self._lock:
+                self._unaborted.discard((full, upload_id))
+            done += 1
+        return done
 
     # ------------------------------------------------------------------------------ reads
 
@@ -738,6 +792,11 @@ class S3Store:
         dst_full = self._full_key(dst)
         user_meta = validate_metadata(metadata) if metadata is not None else None
         source = self.head_object(src)
+        if user_meta is None and src_full == dst_full:
+            # A copy onto itself restates the metadata (REPLACE with the same values): some
+            # S3-compatible servers (SeaweedFS) refuse a self-copy with MetadataDirective=COPY
+            # even when the storage class changes; AWS accepts both.
+            user_meta = dict(source.metadata)
         if source.size > self.multipart_copy_threshold:
             if not source.readable:
                 raise ObjectArchived(f"object {src!r} is archived: restore it before copying", key=src)
@@ -890,7 +949,7 @@ class S3Store:
         """Abort unfinished multipart uploads started more than ``older_than`` ago (by the
         store's clock); returns how many were aborted."""
         cutoff = self.clock.now() - older_than
-        count = 0
+        count = self._abort_leftovers()
         for up in self.list_multipart_uploads(prefix):
             if up.initiated <= cutoff:
                 self._call(

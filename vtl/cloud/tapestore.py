@@ -32,7 +32,7 @@ from typing import Any
 import crc32c as _crc32c
 
 from vtl.cloud.store import ObjectNotFound, ObjectStore, StorageClass
-from vtl.library.cartridge import SEG_HDR_LEN
+from vtl.library.cartridge import EVICTED_SUFFIX, SEG_HDR_LEN
 
 MANIFEST_FORMAT = "vtl-tape-manifest"
 MANIFEST_VERSION = 1
@@ -213,18 +213,32 @@ def transition_tape(store: ObjectStore, manifest: Manifest, storage_class: Stora
     return pending
 
 
+def _readable(store: ObjectStore, key: str) -> bool:
+    """A GET of the object would work now. The object's head says so for restored or
+    non-archived objects; otherwise a one-byte ranged GET asks the server itself, because some
+    S3-compatible servers (SeaweedFS) record GLACIER/DEEP_ARCHIVE but serve the bytes anyway
+    and refuse RestoreObject."""
+    from vtl.cloud.store import ObjectArchived
+
+    if store.head_object(key).readable:
+        return True
+    try:
+        store.get_object(key, byte_range=(0, 0))
+    except ObjectArchived:
+        return False
+    return True
+
+
 def request_restores(store: ObjectStore, manifest: Manifest, days: int) -> None:
     """Ask for a readable copy of every archived segment object (idempotent)."""
     for seg in manifest.segments:
         key = segment_key(manifest.barcode, seg.name)
-        info = store.head_object(key)
-        if info.storage_class.archived and not info.readable:
+        if not _readable(store, key):
             store.restore_object(key, days=days)
 
 
 def restores_done(store: ObjectStore, manifest: Manifest) -> bool:
-    return all(store.head_object(segment_key(manifest.barcode, s.name)).readable
-               for s in manifest.segments)
+    return all(_readable(store, segment_key(manifest.barcode, s.name)) for s in manifest.segments)
 
 
 def download_tape(store: ObjectStore, manifest: Manifest, tape_dir: Path, *,
@@ -259,7 +273,6 @@ def delete_tape_objects(store: ObjectStore, barcode: str) -> int:
 
 
 # --- the local copy as a cache: eviction and read-back ----------------------------------------
-EVICTED_SUFFIX = ".evicted"
 RANGE_SIZE = 8 << 20
 
 

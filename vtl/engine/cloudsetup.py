@@ -50,6 +50,11 @@ def build_cloud_service(catalog: Catalog, data_dir: Path, library: Library,
     kwargs: dict[str, Any] = {}
     if options.s3_endpoint and url.startswith("s3://"):
         kwargs["endpoint_url"] = options.s3_endpoint
+    if url.startswith("s3://"):
+        if options.s3_part_size:
+            kwargs["part_size"] = options.s3_part_size
+        if options.upload_rate:
+            kwargs["upload_rate"] = options.upload_rate
     store = open_store(url, clock=clock, **kwargs)
     service = CloudService(catalog, data_dir, library, store, clock=clock,
                            cache_size=options.cache_size)

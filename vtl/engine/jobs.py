@@ -18,6 +18,13 @@ Store errors: :class:`~vtl.cloud.store.StoreUnavailable` (endpoint down, 5xx, th
 other store errors leave the data in the local cache (the upload buffer) and the job retries with
 exponential backoff (1 s doubling to 60 s, real time). Model time (the injectable clock, ``vtl
 serve --clock-speed``) decides only archive timings: retrieval ready times and timestamps.
+
+Evicted tapes: loading one never makes the event loop wait for the store. The library's
+``before_mount`` hook starts a fetch task (ranged GETs of every evicted segment, in the pool,
+retried with backoff while the store fails) and the drive answers NOT READY 04/01 (becoming
+ready) until the changer loads the fetched cartridge. Deleted tapes go DELETING and a ``delete``
+job removes their objects before they become DELETED. Pools (built-in and custom, with
+retention locks) are resolved by :class:`~vtl.engine.pools.PoolRegistry`.
 """
 
 from __future__ import annotations
@@ -41,12 +48,12 @@ from catalog.db import Catalog
 from vtl.cloud import tapestore as ts
 from vtl.cloud.clock import Clock, SystemClock
 from vtl.cloud.store import ObjectStore, StoreError
-from vtl.cloud.tiers import MAX_RETENTION_DAYS, Pool, can_move, draw_ready_time
+from vtl.cloud.tiers import MAX_RETENTION_DAYS, LockMode, Pool, can_move, draw_ready_time
+from vtl.engine.pools import PoolRegistry
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound
 from vtl.library.elements import ElementType
 from vtl.library.library import Library
 from vtl.library.lifecycle import TapeStatus, check_transition
-from vtl.scsi.sense import Asc, SenseError, SenseKey
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +119,9 @@ class CloudService:
         self._evicting = False
         self._stopping = threading.Event()
         self._tape_locks: dict[str, threading.Lock] = {}
+        self._fetches: dict[str, asyncio.Task[None]] = {}
         self.scheduler: Any = None
+        self.pools = PoolRegistry(catalog, self._now)
 
     # --- Service ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -123,6 +132,8 @@ class CloudService:
         self._resume_tapes()
         self._release_stale_cache()
         self.library.before_mount = self._hydrate
+        self.library.defer_delete = True  # deleted tapes go DELETING: a job removes objects
+        self._resume_fetches()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="vtl-jobs")
         if self.scheduler is not None:
             self.scheduler.start()
@@ -135,14 +146,15 @@ class CloudService:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        for task in self._running.values():
+        for task in [*self._running.values(), *self._fetches.values()]:
             task.cancel()
         self._running.clear()
+        self._fetches.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def ops(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
         extra = self.scheduler.ops() if self.scheduler is not None else {}
-        return {**extra,
+        return {**extra, **self.pools.ops(),
             "ArchiveTape": self.archive_tape,
             "CancelArchival": self.cancel_archival,
             "RetrieveTapeArchive": self.retrieve_tape,
@@ -323,16 +335,18 @@ class CloudService:
                                       stopping=self._stopping.is_set)
             if not manifest.complete:
                 raise Wait(1.0, "segments changed during the upload")
-            pool = Pool.parse(row["pool"] or "glacier")
+            pool = self.pools.storage_pool(row["pool"])
             pending = await self._io(ts.transition_tape, self.store, manifest, pool.storage_class)
             if pending:
                 raise Wait(5.0, f"{len(pending)} object(s) wait for a restore")
-            now = _iso(self._now())
+            archived = self._now()
+            now = _iso(archived)
             with q.transaction(self.db):
                 check_transition(S.ARCHIVING, S.ARCHIVED)
                 q.update_tape(self.db, barcode, status=S.ARCHIVED.value, archived_at=now,
                               cloud_bytes=manifest.cloud_bytes, used_bytes=manifest.cloud_bytes,
                               ready_at=None, updated_at=now)
+                self._stamp_lock(barcode, row, archived)
                 q.add_event(self.db, now, "tape.archive", barcode,
                             f"archived to the {pool.value} pool ({manifest.cloud_bytes} bytes)")
             # the local copy was only cache now: release it
@@ -374,13 +388,16 @@ class CloudService:
         row = q.get_tape(self.db, barcode)
         if row is None or row["status"] != S.DELETING.value:
             return
+        upload = jq.unfinished_job(self.db, "upload", barcode)
+        if upload is not None and upload["state"] == "running":
+            raise Wait(1.0, "an upload of the tape is finishing")  # it would write a manifest
         await self._io(ts.delete_tape_objects, self.store, barcode)
         await self._io(shutil.rmtree, self.library.tape_dir(barcode), True)
         now = _iso(self._now())
         with q.transaction(self.db):
             q.update_tape(self.db, barcode, status=S.DELETED.value, element_address=None,
                           cloud_bytes=0, updated_at=now)
-            q.add_event(self.db, now, "tape.delete", barcode, "archived tape deleted")
+            q.add_event(self.db, now, "tape.delete", barcode, "deleted with its objects")
 
     async def _job_reclass(self, barcode: str, payload: dict[str, Any]) -> None:
         """Move an archived tape's objects to its (new) pool's storage class."""
@@ -390,7 +407,7 @@ class CloudService:
         manifest = await self._io(ts.load_manifest, self.store, barcode)
         if manifest is None:
             return
-        pool = Pool.parse(row["pool"])
+        pool = self.pools.storage_pool(row["pool"])
         pending = await self._io(ts.transition_tape, self.store, manifest, pool.storage_class)
         if pending:
             await self._io(ts.request_restores, self.store, manifest, 1)
@@ -400,19 +417,55 @@ class CloudService:
     def _lock_for(self, barcode: str) -> threading.Lock:
         return self._tape_locks.setdefault(barcode, threading.Lock())
 
-    def _hydrate(self, barcode: str) -> None:
-        """before_mount hook: fetch evicted segments back (ranged GETs) before a drive opens
-        the tape. Runs on the event loop: a load of an evicted tape waits for the fetch."""
+    def _hydrate(self, barcode: str) -> asyncio.Task[None] | None:
+        """before_mount hook (on the event loop): None if the tape's segments are all local,
+        else the task fetching the evicted ones back (ranged GETs, in the job pool). The loop
+        never waits for the store: the drive reports "becoming ready" (04/01) meanwhile."""
+        if not ts.evicted_stubs(self.library.tape_dir(barcode)):
+            return None
+        task = self._fetches.get(barcode)
+        if task is None or task.done():
+            task = asyncio.get_running_loop().create_task(self._fetch(barcode),
+                                                          name=f"vtl-fetch-{barcode}")
+            self._fetches[barcode] = task
+            task.add_done_callback(lambda t: self._fetches.pop(barcode, None)
+                                   if self._fetches.get(barcode) is t else None)
+        return task
+
+    def _resume_fetches(self) -> None:
+        """Drives left becoming ready by a restart (their tape's fetch was cut): fetch again."""
+        for drive in self.library.drives:
+            barcode = getattr(drive, "becoming_ready", None)
+            if barcode is None:
+                continue
+            task = self._hydrate(barcode)
+            if task is not None:
+                task.add_done_callback(lambda t, b=barcode: self.library._fetched(b, t))
+            elif self.library.changer is not None:  # fetched, but not loaded before the stop
+                self.library.changer.complete_load(barcode)
+
+    async def _fetch(self, barcode: str) -> None:
+        """Fetch a tape's evicted segments back, retrying with backoff while the store fails."""
+        attempts = 0
+        while True:
+            try:
+                n = await self._io(self._hydrate_now, barcode)
+            except (StoreError, OSError, ValueError) as exc:
+                delay = min(MAX_BACKOFF, 2.0 ** min(attempts, 6))
+                attempts += 1
+                log.warning("cannot read tape %s back from the store (attempt %d): %s; "
+                            "retrying in %.0f s", barcode, attempts, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            log.info("tape %s: %d bytes read back from the store", barcode, n)
+            return
+
+    def _hydrate_now(self, barcode: str) -> int:
         tape_dir = self.library.tape_dir(barcode)
         with self._lock_for(barcode):
             if not ts.evicted_stubs(tape_dir):
-                return
-            try:
-                n = ts.hydrate_tape(self.store, barcode, tape_dir)
-            except (StoreError, OSError, ValueError) as exc:
-                log.error("cannot read tape %s back from the store: %s", barcode, exc)
-                raise SenseError(SenseKey.MEDIUM_ERROR, Asc.MEDIUM_LOAD_OR_EJECT_FAILED) from None
-        log.info("tape %s: %d bytes read back from the store", barcode, n)
+                return 0
+            return ts.hydrate_tape(self.store, barcode, tape_dir)
 
     def cache_usage(self) -> int:
         root = self.data_dir / "cache" / "tapes"
@@ -516,9 +569,10 @@ class CloudService:
             q.update_tape(self.db, code, status=S.IN_TRANSIT_TO_VTS.value, element_address=dest,
                           source_address=address if kind == ElementType.STORAGE else row["source_address"],
                           updated_at=now)
-            if days:  # a retention lock counted from the export (governance-free: not bypassable)
+            if days:  # a retention lock counted from the export (compliance: not bypassable)
                 q.update_tape(self.db, code,
-                              retention_until=_iso(self._now() + timedelta(days=days)))
+                              retention_until=_iso(self._now() + timedelta(days=days)),
+                              retention_lock=LockMode.COMPLIANCE.value)
             q.add_event(self.db, now, "tape.export", code, "exported for archiving")
         jq.ensure_job(self.db, "archive", code, self._wall_iso())
         return self.library.tape_json(q.get_tape(self.db, code) or row)
@@ -583,7 +637,7 @@ class CloudService:
         row = self._row(args)
         code = row["barcode"]
         check_transition(row["status"], S.RETRIEVING)
-        pool = Pool.parse(row["pool"] or "glacier")
+        pool = self.pools.storage_pool(row["pool"])
         requested = self._now()
         ready = draw_ready_time(pool, requested, seed=f"{code}:{_iso(requested)}")
         with q.transaction(self.db):
@@ -613,6 +667,7 @@ class CloudService:
             "retrieval_requested_at": requested and _iso(requested),
             "retrieved_at": row.get("retrieved_at"), "eta_seconds": eta,
             "retrieval_percent": pct, "retention_until": row.get("retention_until"),
+            "retention_lock": row.get("retention_lock") if row.get("retention_until") else None,
             "now": _iso(now),
         }
 
@@ -640,7 +695,7 @@ class CloudService:
         row = self._row(args)
         code = row["barcode"]
         dst = Pool.parse(str(args.get("pool") or ""))
-        src = Pool.parse(row["pool"] or "glacier")
+        src = self.pools.storage_pool(row["pool"])
         verdict = can_move(src, dst)
         if not verdict:
             raise Conflict(verdict.reason)
@@ -663,13 +718,31 @@ class CloudService:
         until = parse_time(row.get("retention_until"))
         now = self._now()
         if until is not None and now < until:
-            raise Conflict(f"tape {code} is under a retention lock until {_iso(until)}")
+            mode = row.get("retention_lock") or LockMode.COMPLIANCE.value
+            if mode == LockMode.COMPLIANCE.value:
+                raise Conflict(f"tape {code} is under a compliance retention lock until "
+                               f"{_iso(until)}: it cannot be deleted before then")
+            if not args.get("bypass_governance"):
+                raise Conflict(f"tape {code} is under a governance retention lock until "
+                               f"{_iso(until)}; add --bypass-governance to delete it anyway")
         check_transition(S.ARCHIVED, S.DELETING)
         with q.transaction(self.db):
             q.update_tape(self.db, code, status=S.DELETING.value, updated_at=_iso(now))
             q.add_event(self.db, _iso(now), "tape.delete", code, "deleting from the archive")
         jq.ensure_job(self.db, "delete", code, self._wall_iso())
         return self._archive_json(q.get_tape(self.db, code) or row)
+
+    def _stamp_lock(self, barcode: str, row: dict[str, Any], archived: datetime) -> None:
+        """The pool's retention lock starts now; a longer lock already on the tape stays."""
+        lock = self.pools.lock_of(row["pool"])
+        if lock is None or lock.days == 0:
+            return
+        until = lock.locked_until(archived)
+        held = parse_time(row.get("retention_until"))
+        if held is not None and held >= until:
+            return
+        q.update_tape(self.db, barcode, retention_until=_iso(until),
+                      retention_lock=lock.mode.value)
 
     def list_jobs(self, args: dict[str, Any]) -> dict[str, Any]:
         rows = jq.list_jobs(self.db, unfinished_only=bool(args.get("unfinished")))

@@ -78,6 +78,8 @@ class CloudOptions:
     s3_endpoint: str | None = None
     clock_speed: float = 1.0
     cache_size: int | None = None
+    s3_part_size: int | None = None  # multipart part size (S3 only; default 16 MiB)
+    upload_rate: int | None = None  # upload bandwidth limit, bytes/s (S3 only)
 
 
 class Appliance:

@@ -273,6 +273,9 @@ class DriveWorker:
             return {"ok": True, "pid": os.getpid()}
         if op == "load":
             return self._load(self._drive(msg), str(msg["path"]), bool(msg.get("read_only")))
+        if op == "begin_load":
+            self._drive(msg).begin_load(str(msg["barcode"]))
+            return {"ok": True}
         if op == "unload":
             drive = self._drive(msg)
             barcode = drive.barcode
@@ -478,6 +481,7 @@ class RemoteDrive:
         self.index = index
         self.handle = handle
         self.loaded: tuple[CartridgeRef, bool] | None = None  # what we asked the worker to hold
+        self.becoming_ready: str | None = None  # a tape whose data is still being fetched
 
     def _hw(self, exc: Exception) -> SenseError:
         log.error("drive %d: %s", self.index + 1, exc)
@@ -492,9 +496,23 @@ class RemoteDrive:
         except WorkerUnavailable as exc:
             raise self._hw(exc) from None
         self.loaded = (cartridge, read_only)
+        self.becoming_ready = None
+
+    def begin_load(self, barcode: str) -> None:
+        try:
+            self.handle.call("begin_load", drive=self.index, barcode=barcode)
+        except WorkerUnavailable as exc:
+            raise self._hw(exc) from None
+        self.becoming_ready = barcode
 
     def unload(self, *, force: bool = False) -> CartridgeRef | None:
         if self.loaded is None:
+            if self.becoming_ready is not None:
+                self.becoming_ready = None
+                try:
+                    self.handle.call("unload", drive=self.index, force=True)
+                except (WorkerUnavailable, SenseError) as exc:
+                    log.warning("drive %d: %s", self.index + 1, exc)
             return None
         ref = self.loaded[0]
         try:
@@ -514,6 +532,11 @@ class RemoteDrive:
     def reload(self) -> None:
         """After a restart: put the tape back that the changer believes is in the drive."""
         if self.loaded is None:
+            if self.becoming_ready is not None:
+                try:
+                    self.handle.call("begin_load", drive=self.index, barcode=self.becoming_ready)
+                except (WorkerUnavailable, SenseError) as exc:
+                    log.error("drive %d: %s", self.index + 1, exc)
             return
         ref, read_only = self.loaded
         try:

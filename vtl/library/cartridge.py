@@ -123,6 +123,24 @@ class VolumeOverflow(CartridgeError):
     """The record does not fit before the hard end of the medium (drive: VOLUME OVERFLOW)."""
 
 
+class SegmentsEvicted(CartridgeError):
+    """Sealed segments were evicted to the object store (stubs ``seg-NNNNNN.dat.evicted``):
+    the cartridge opens only once they are fetched back, never with a hole in its log."""
+
+
+EVICTED_SUFFIX = ".evicted"
+"""A sealed segment replaced by a stub (the cloud tier's cache eviction) is named
+``seg-NNNNNN.dat`` + this suffix."""
+
+
+def has_evicted_segments(path: Path) -> bool:
+    """True if some segment of the cartridge at ``path`` is only a stub (see SegmentsEvicted)."""
+    try:
+        return any(entry.name.endswith(EVICTED_SUFFIX) for entry in Path(path).iterdir())
+    except FileNotFoundError:
+        return False
+
+
 class RecordType(enum.IntEnum):
     """Kinds of log records. EOD is not a record: it is the end of the log."""
 
@@ -887,6 +905,8 @@ class Cartridge:
 
     def _recover(self) -> None:
         """Rebuild the index (from index.dat or from the start) and cut a torn/corrupt tail."""
+        if has_evicted_segments(self.path):  # recovery would take the missing ones for a gap
+            raise SegmentsEvicted(f"{self.path}: segments are in the object store; fetch them")
         segs: list[int] = []
         for entry in sorted(self.path.iterdir()):
             m = _SEG_RE.match(entry.name)

@@ -67,6 +67,8 @@ class Drive(Protocol):
 
     def unload(self, *, force: bool = False) -> Any: ...
 
+    def begin_load(self, barcode: str) -> None: ...
+
     @property
     def removal_prevented(self) -> bool: ...
 
@@ -75,8 +77,10 @@ class MediumStore(Protocol):
     """The persistence and file side of the library, called by the changer.
 
     ``mount`` opens the cartridge of ``barcode`` for a drive and says whether it is read-only
-    (raise SenseError when it may not be loaded); ``unmount`` releases a cartridge a drive gave
-    back (``cartridge`` may be None); ``moved`` persists a completed move (new element, source
+    (raise SenseError when it may not be loaded); a cartridge of None means its data is still
+    being fetched: the drive is told to :meth:`Drive.begin_load` and the store calls
+    :meth:`MediaChanger.complete_load` when the data is there; ``unmount`` releases a
+    cartridge a drive gave back (``cartridge`` may be None); ``moved`` persists a completed move (new element, source
     address, status effects, events) and must raise if it could not.
     """
 
@@ -371,11 +375,28 @@ class MediaChanger(SpcDevice):
 
     def _mount_into(self, drive: Drive, barcode: str) -> None:
         cartridge, read_only = self._store.mount(barcode)
+        if cartridge is None:  # the data is on its way: the drive is becoming ready
+            drive.begin_load(barcode)
+            return
         try:
             drive.load(cartridge, read_only=read_only)
         except BaseException:
             self._store.unmount(barcode, cartridge)
             raise
+
+    def complete_load(self, barcode: str) -> bool:
+        """The data of a tape put into a drive by a deferred mount is local now: load it, if
+        the tape is still in a drive that is becoming ready with it. Returns True if loaded."""
+        for address, medium in self._contents.items():
+            if (medium.barcode != barcode
+                    or self.layout.type_of(address) != ElementType.DATA_TRANSFER):
+                continue
+            drive = self._drives[self.layout.drive_index(address)]
+            if getattr(drive, "becoming_ready", None) != barcode:
+                return False
+            self._mount_into(drive, barcode)
+            return getattr(drive, "becoming_ready", None) != barcode
+        return False
 
     @command(SmcOpcode.MOVE_MEDIUM)
     def _move_medium(self, req: Request) -> bytes:

@@ -124,6 +124,7 @@ class TapeDrive(SpcDevice):
         self._cart: Cartridge | None = None
         self._read_only = False
         self._unloaded = False
+        self._becoming: str | None = None  # barcode of a medium whose data is being fetched
         self._prevent: set[str] = set()
         self._block_length = 0  # 0 = variable-block mode
         self._alerts: set[int] = set()
@@ -161,6 +162,19 @@ class TapeDrive(SpcDevice):
         return self._read_only
 
     @property
+    def becoming_ready(self) -> str | None:
+        """Barcode of the medium put in by :meth:`begin_load`, until :meth:`load` or unload."""
+        return self._becoming if self._cart is None else None
+
+    def begin_load(self, barcode: str) -> None:
+        """A medium is in the drive but its data is still on its way (fetched back from the
+        object store): commands that need the medium get NOT READY, 04/01 (becoming ready,
+        SPC-4 4.5.6) until :meth:`load` gives the cartridge."""
+        if self._cart is not None:
+            raise SenseError(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_DESTINATION_ELEMENT_FULL)
+        self._becoming = barcode
+
+    @property
     def bytes_written(self) -> int:
         return self._bytes_written
 
@@ -177,6 +191,7 @@ class TapeDrive(SpcDevice):
         if self._cart is not None:
             raise SenseError(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_DESTINATION_ELEMENT_FULL)
         self._cart = cartridge
+        self._becoming = None
         self._read_only = read_only
         self._unloaded = False
         self._load_written = self._load_read = 0
@@ -193,6 +208,7 @@ class TapeDrive(SpcDevice):
         """
         cart = self._cart
         if cart is None:
+            self._becoming = None  # a medium still becoming ready leaves with nothing to close
             return None
         if self._prevent and not force:
             raise SenseError(SenseKey.ILLEGAL_REQUEST, Asc.MEDIUM_REMOVAL_PREVENTED)
@@ -220,7 +236,10 @@ class TapeDrive(SpcDevice):
 
     # --- LogicalUnit / SpcDevice hooks ----------------------------------------------------------
     def ready(self) -> None:
-        """NOT READY 3A/00 without a medium, or after LOAD UNLOAD unloaded it (SSC-3 7.3)."""
+        """NOT READY 3A/00 without a medium, or after LOAD UNLOAD unloaded it (SSC-3 7.3);
+        NOT READY 04/01 while a medium's data is still being fetched (:meth:`begin_load`)."""
+        if self._cart is None and self._becoming is not None:
+            raise SenseError(SenseKey.NOT_READY, Asc.LUN_BECOMING_READY)
         if self._cart is None or self._unloaded:
             raise _medium_not_present()
 
@@ -635,6 +654,7 @@ class TapeDrive(SpcDevice):
             raise illegal_request(Asc.INVALID_FIELD_IN_CDB, byte=4, bit=2)
         cart = self._cart
         if cart is None:
+            self.ready()  # 04/01 while becoming ready, else 3A/00
             raise _medium_not_present()
         if load:
             self._unloaded = False

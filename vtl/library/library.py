@@ -30,12 +30,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from catalog import pools as pq
 from catalog import tapes as q
 from catalog.db import Catalog
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, LimitExceeded, NotFound
 from vtl.iscsi.target import IscsiTarget, Targets
 from vtl.library import barcodes
-from vtl.library.cartridge import META_NAME, Cartridge, CartridgeError
+from vtl.library.cartridge import META_NAME, Cartridge, CartridgeError, has_evicted_segments
 from vtl.library.changer import MediaChanger, Medium
 from vtl.library.drive import TapeDrive
 from vtl.library.elements import DeviceIdentifier, ElementLayout, ElementType
@@ -125,8 +126,14 @@ class Library:
         self.changer: MediaChanger | None = None
         self.drives: list[TapeDrive] = []
         #: Hook run before a cartridge is opened for a drive (the cloud tier fetches evicted
-        #: segments back); raises SenseError if the tape cannot be made whole.
-        self.before_mount: Callable[[str], None] | None = None
+        #: segments back). It returns None when the tape is local, or a pending fetch (an
+        #: object with ``add_done_callback(fn)``, fn called on this library's event loop
+        #: thread): the drive then reports "becoming ready" until the fetch is done, and the
+        #: changer loads the tape then (the loop never waits for the network).
+        self.before_mount: Callable[[str], Any] | None = None
+        #: Set by the cloud tier: a deleted tape stays DELETING until a job has removed its
+        #: objects from the store (then DELETED); without it a deletion is immediate.
+        self.defer_delete = False
 
     def _rehome(self, orphans: list[Any], contents: dict[int, Medium]) -> None:
         """Tapes whose element no longer exists go to the first free storage (else I/E) slot."""
@@ -196,6 +203,11 @@ class Library:
                 imported=row["status"] != TapeStatus.IN_TRANSIT_TO_VTS.value)
             if kind == ElementType.DATA_TRANSFER:
                 drive = self.drives[self.layout.drive_index(address)]
+                if has_evicted_segments(self.tape_dir(row["barcode"])):
+                    # stopped while its data was being fetched back: the cloud tier fetches
+                    # it again at its start and the changer loads it then
+                    drive.begin_load(row["barcode"])
+                    continue
                 try:
                     cartridge, read_only = self.mount(row["barcode"])
                     drive.load(cartridge, read_only=read_only)
@@ -262,7 +274,10 @@ class Library:
         if status not in LOADABLE and status != TapeStatus.IN_TRANSIT_TO_VTS:
             raise SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_READY_MANUAL_INTERVENTION)
         if self.before_mount is not None:
-            self.before_mount(barcode)
+            pending = self.before_mount(barcode)
+            if pending is not None:
+                pending.add_done_callback(lambda fut: self._fetched(barcode, fut))
+                return None, status in READ_ONLY
         if self.drive_host is not None:  # the drive's worker opens it
             if not (self.tape_dir(barcode) / META_NAME).is_file():
                 log.error("cannot open cartridge %s: no cartridge files", barcode)
@@ -274,6 +289,20 @@ class Library:
             log.error("cannot open cartridge %s: %s", barcode, exc)
             raise SenseError(SenseKey.MEDIUM_ERROR, Asc.MEDIUM_LOAD_OR_EJECT_FAILED) from None
         return cartridge, status in READ_ONLY
+
+    def _fetched(self, barcode: str, fut: Any) -> None:
+        """A deferred mount's data is local (or the fetch gave up): load it into its drive."""
+        if fut.cancelled() or fut.exception() is not None:
+            log.error("tape %s stays not ready: its data could not be fetched (%s)", barcode,
+                      "cancelled" if fut.cancelled() else fut.exception())
+            return
+        if self.changer is None:
+            return
+        try:
+            if self.changer.complete_load(barcode):
+                log.info("tape %s: data fetched back; the drive is ready", barcode)
+        except SenseError as exc:
+            log.error("tape %s cannot be loaded after its fetch: %s", barcode, exc)
 
     def unmount(self, barcode: str, cartridge: Any) -> None:
         """Close a cartridge a drive gave back and record how much of it is used."""
@@ -408,12 +437,16 @@ class Library:
                 f"GiB to {lim.max_tape_bytes // TiB} TiB (e.g. --size 200GiB)")
         return value
 
-    @staticmethod
-    def _pool(value: Any) -> str:
+    def _pool(self, value: Any) -> str:
+        """A built-in pool (normalised) or a custom pool of the catalog (its stored name)."""
         pool = str(value or "glacier").strip().lower().replace("_", "-")
-        if pool not in POOLS:
-            raise InvalidRequest(f"unknown pool {value!r}: use glacier or deep-archive")
-        return pool
+        if pool in POOLS:
+            return pool
+        custom = pq.get_pool(self.db, str(value).strip()) if value else None
+        if custom is None:
+            raise InvalidRequest(f"unknown pool {value!r}: use glacier, deep-archive or a pool "
+                                 "from `vtl archive pool list`")
+        return str(custom["name"])
 
     def create_tapes(self, args: dict[str, Any]) -> dict[str, Any]:
         """CreateTapes: ``prefix``, ``count`` (1-10), ``size_bytes``, ``pool``, ``worm``."""
@@ -515,11 +548,13 @@ class Library:
             raise Conflict(f"tape {code} is in drive {self.layout.drive_index(address)}; "
                            "move it to a slot first (e.g. `mtx unload`)")
         check_transition(row["status"], TapeStatus.DELETING)
+        final = TapeStatus.DELETING if self.defer_delete else TapeStatus.DELETED
         now = self._now()
         with q.transaction(self.db):
-            q.update_tape(self.db, code, status=TapeStatus.DELETED.value, element_address=None,
+            q.update_tape(self.db, code, status=final.value, element_address=None,
                           source_address=None, updated_at=now)
-            q.add_event(self.db, now, "tape.delete", code, "deleted")
+            q.add_event(self.db, now, "tape.delete", code, "deleted" if final is
+                        TapeStatus.DELETED else "deleting (its objects are removed next)")
         if address is not None and changer.locate(code) == address:
             changer.remove(address)
         shutil.rmtree(self.tape_dir(code), ignore_errors=True)
