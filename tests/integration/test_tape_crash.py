@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -133,10 +134,18 @@ def read_position(s: Session) -> int:
     return int.from_bytes(good(s.read_position()).data[4:8], "big")
 
 
-def lose_session(s: Session) -> None:
-    """The appliance is dead: the session must notice, then be closed."""
+def lose_session(s: Session, timeout: float = 15.0) -> None:
+    """The appliance is dead: the session must notice, then be closed.
+
+    A drive's connection lives in its worker process, which leaves when it sees the supervisor's
+    channel close; a command already on its way may still be answered in that instant, so the
+    session gets a bounded number of tries to see the connection drop.
+    """
+    deadline = time.monotonic() + timeout
     with pytest.raises(LibiscsiError):
-        s.test_unit_ready()
+        while time.monotonic() < deadline:
+            s.test_unit_ready()
+            time.sleep(0.05)
     s.close()
 
 
