@@ -158,6 +158,10 @@ def _iter_bits(bits: bytes | bytearray, count: int) -> Iterator[int]:
                     yield (at << 3) + k
 
 
+def _popcount(bits: bytes | bytearray) -> int:
+    return int.from_bytes(bits, "little").bit_count()
+
+
 def _all_bits(count: int) -> bytearray:
     bits = bytearray(b"\xff" * ((count + 7) // 8))
     if count & 7:
@@ -226,6 +230,7 @@ class SnapshotTracker:
         self._inflight = 0
         self._bits_lock = threading.Lock()
         self._cow_lock = threading.Lock()  # frozen/done/cow sets, and reads of frozen chunks
+        self._upload_lock = threading.Lock()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         meta_path = self.state_dir / "tracker.json"
         boot = _boot_id()
@@ -316,7 +321,7 @@ class SnapshotTracker:
     def changed_chunks(self) -> int:
         """Chunks changed since the last frozen snapshot (all of them after an unclean reboot)."""
         with self._bits_lock:
-            return sum(bin(b).count("1") for b in self._dirty)
+            return _popcount(self._dirty)
 
     @property
     def pending(self) -> PendingSnapshot | None:
@@ -427,7 +432,7 @@ class SnapshotTracker:
         try:
             with self._bits_lock:
                 frozen = bytearray(self._dirty) if self._base is not None else _all_bits(self.count)
-            total = sum(bin(b).count("1") for b in frozen)
+            total = _popcount(frozen)
             info = {"snapshot_id": snapshot_id, "volume": volume, "created_at": created_at,
                     "description": description, "total": total}
             tmp = self.state_dir / "pending.tmp"
@@ -498,15 +503,25 @@ class SnapshotTracker:
                 self._cowed.discard(i)
                 (self.state_dir / "pending" / "cow" / str(i)).unlink(missing_ok=True)
 
-    def upload(self, chunks: ChunkStore, *, progress: Progress | None = None,
-               should_stop: Callable[[], bool] | None = None, workers: int = 4) -> Manifest:
+    def upload(self, chunks: ChunkStore, progress: Progress | None = None,
+               should_stop: Callable[[], bool] | None = None, *, workers: int = 4) -> Manifest:
         """Upload the pending snapshot's changed chunks, then its manifest; return the manifest.
 
         Resumable: after an error (:class:`StoreError`, e.g. StoreUnavailable), a stop
         (:class:`UploadStopped`) or a crash, call it again (after reopening) and it continues
         where it was. ``progress(done, total)`` counts frozen chunks.
-        Raises :class:`SnapshotError` if no snapshot is pending.
+        Raises :class:`SnapshotError` if no snapshot is pending, :class:`SnapshotBusy` if another
+        thread is uploading it.
         """
+        if not self._upload_lock.acquire(blocking=False):
+            raise SnapshotBusy("this snapshot is being uploaded by another job")
+        try:
+            return self._upload(chunks, progress, should_stop, workers)
+        finally:
+            self._upload_lock.release()
+
+    def _upload(self, chunks: ChunkStore, progress: Progress | None,
+                should_stop: Callable[[], bool] | None, workers: int) -> Manifest:
         with self._cow_lock:
             if self._pending is None:
                 raise SnapshotError("no snapshot is pending: begin one first")
@@ -746,7 +761,7 @@ class RestoringBackend:
             raise SnapshotError(f"{bpath} is missing")
         self._bits = bits_read
         self._persisted = bytearray(self._bits)
-        self._restored = sum(bin(b).count("1") for b in self._bits)
+        self._restored = _popcount(self._bits)
         self._bits_lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(64)]
         self._ckpt_lock = threading.Lock()
@@ -766,8 +781,9 @@ class RestoringBackend:
         return self._restored >= self.count
 
     # --- chunk fill ---------------------------------------------------------------------------
-    def _ensure(self, i: int) -> None:
-        """Make chunk ``i`` local (fetch it unless it is already)."""
+    def _ensure(self, i: int, *, io_error: bool = True) -> None:
+        """Make chunk ``i`` local (fetch it unless it is already). Store failures become
+        ``OSError(EIO)`` for the SCSI path (``io_error``), else they propagate as they are."""
         if _bit(self._bits, i):
             return
         with self._stripes[i % len(self._stripes)]:
@@ -777,6 +793,8 @@ class RestoringBackend:
             try:
                 data = self.chunks.get(self.manifest.chunks[i], n)
             except (StoreError, OSError) as exc:
+                if not io_error:
+                    raise
                 raise OSError(errno.EIO, f"cannot restore chunk {i} of snapshot "
                                          f"{self.manifest.snapshot_id}: {exc}") from exc
             self.inner.write(i * self.chunk_bytes, data)
@@ -810,7 +828,7 @@ class RestoringBackend:
         def one(i: int) -> None:
             if should_stop is not None and should_stop():
                 raise UploadStopped("restore stopped; resume it later")
-            self._ensure(i)
+            self._ensure(i, io_error=False)
             with lock:
                 since[0] += 1
                 due = since[0] >= _CHECKPOINT_CHUNKS

@@ -507,3 +507,180 @@ def test_manifest_from_refs_for_cached_volume(local: ObjectStore) -> None:
     assert live_refs(chunks, extra=[["cd" * 32, None]]) == {a, b, "cd" * 32}
     sid = new_snapshot_id()
     assert sid.startswith("snap-") and len(sid) == 22
+
+
+def test_random_operations_against_a_model(local: ObjectStore, tmp_path: Path) -> None:
+    """Random writes, discards, snapshots begun/uploaded at random points, with one interrupted
+    upload and a reopen: every snapshot restores to the model's image at its begin."""
+    r = random.Random(1234)
+    probe = Probe(local)
+    chunks = ChunkStore(probe, prefix="vol/")  # type: ignore[arg-type]
+    vol, state = tmp_path / "v.img", tmp_path / "v.snap"
+    tr = SnapshotTracker(new_volume(vol), state)
+    model = bytearray(SIZE)
+    expected: dict[str, bytes] = {}
+    crashes = 0
+    for step in range(60):
+        op = r.random()
+        if op < 0.55:
+            off = r.randrange(0, SIZE - 1)
+            n = min(r.choice([1, 512, 4096, 300_000, CHUNK_BYTES + 17]), SIZE - off)
+            data = r.randbytes(n)
+            tr.write(off, data)
+            model[off:off + n] = data
+        elif op < 0.65:
+            off = r.randrange(0, SIZE - 1)
+            n = min(r.choice([4096, CHUNK_BYTES, 2 * CHUNK_BYTES]), SIZE - off)
+            tr.discard(off, n)
+            model[off:off + n] = bytes(n)
+        elif op < 0.85 and tr.pending is None:
+            sid = f"snap-{step}"
+            tr.begin_snapshot(sid, volume="vol1", created_at=T0)
+            expected[sid] = bytes(model)
+        elif tr.pending is not None:
+            if r.random() < 0.3:  # fail part way and "crash"
+                probe.fail_after = probe.chunk_puts + 1
+                try:
+                    tr.upload(chunks, workers=1)
+                except StoreUnavailable:
+                    crashes += 1
+                probe.fail_after = None
+                kill_tracker(tr)
+                tr = SnapshotTracker(StoredBackend(vol), state)
+            if tr.pending is not None:
+                tr.upload(chunks, workers=2)
+    if tr.pending is not None:
+        tr.upload(chunks)
+    assert len(expected) >= 5 and crashes >= 1
+    assert chunks.list_manifests() == sorted(expected)
+    for sid, img in expected.items():
+        assert restore_eager(chunks, chunks.get_manifest(sid)) == img, sid
+    assert image(tr) == bytes(model)
+    tr.close()
+
+
+def test_restore_writes_while_filling(local: ObjectStore, tmp_path: Path) -> None:
+    probe = Probe(local)
+    chunks = ChunkStore(probe, prefix="vol/")  # type: ignore[arg-type]
+    size = 32 * CHUNK_BYTES
+    tr = SnapshotTracker(new_volume(tmp_path / "src.img", size), tmp_path / "src.snap")
+    fill_random(tr, 1, range(32))
+    model = bytearray(image(tr))
+    m = snapshot(tr, chunks, "snap-1")
+    tr.close()
+    rb = RestoringBackend(new_volume(tmp_path / "new.img", size), tmp_path / "new.snap", chunks, m)
+    errors: list[BaseException] = []
+
+    def filler() -> None:
+        try:
+            rb.fill(workers=3)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=filler)
+    t.start()
+    r = random.Random(5)
+    try:
+        for _ in range(200):
+            i = r.randrange(32)
+            if r.random() < 0.5:  # whole chunk
+                data = r.randbytes(CHUNK_BYTES)
+                rb.write(i * CHUNK_BYTES, data)
+                model[i * CHUNK_BYTES:(i + 1) * CHUNK_BYTES] = data
+            else:
+                off = i * CHUNK_BYTES + r.randrange(CHUNK_BYTES - 4096)
+                data = r.randbytes(4096)
+                rb.write(off, data)
+                model[off:off + 4096] = data
+            j = r.randrange(size - 8192)
+            assert rb.read(j, 8192) == bytes(model[j:j + 8192])
+    finally:
+        t.join()
+    assert not errors
+    assert rb.complete and image(rb) == bytes(model)
+    rb.close()
+
+
+def test_restore_store_outage(local: ObjectStore, tmp_path: Path) -> None:
+    chunks = ChunkStore(local, prefix="vol/")
+    tr = SnapshotTracker(new_volume(tmp_path / "src.img"), tmp_path / "src.snap")
+    fill_random(tr, 1, range(NCHUNKS))
+    m = snapshot(tr, chunks, "snap-1")
+    tr.close()
+
+    class Down(Probe):
+        def get_object(self, key: str, **kw: Any) -> bytes:
+            raise StoreUnavailable("endpoint down (test)")
+
+    down = ChunkStore(Down(local), prefix="vol/")  # type: ignore[arg-type]
+    rb = RestoringBackend(new_volume(tmp_path / "new.img"), tmp_path / "new.snap", down, m)
+    with pytest.raises(OSError) as info:
+        rb.read(0, 512)
+    assert info.value.errno == 5  # EIO: the LU answers with a medium/hardware error
+    with pytest.raises(StoreUnavailable):  # the job sees the store's own error and retries
+        rb.fill(workers=1)
+    rb.close()
+    rb = RestoringBackend(StoredBackend(tmp_path / "new.img"), tmp_path / "new.snap", chunks)
+    assert rb.fill() and image(rb) == restore_eager(chunks, m)
+    rb.close()
+
+
+RESTORE_CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {root!r})
+    from pathlib import Path
+    from vtl.cloud.local import LocalStore
+    from volumes.chunks import ChunkStore, CHUNK_BYTES
+    from volumes.snapshots import RestoringBackend
+    from volumes.stored import StoredBackend
+
+    tmp = Path({tmp!r})
+    class Slow(LocalStore):
+        def get_object(self, key, **kw):
+            if "/chunks/" in key:
+                print("get", flush=True)
+                time.sleep(0.1)
+            return super().get_object(key, **kw)
+    chunks = ChunkStore(Slow(tmp / "store"), prefix="vol/")
+    m = chunks.get_manifest("snap-1")
+    rb = RestoringBackend(StoredBackend.create(tmp / "new.img", m.size_bytes), tmp / "new.snap",
+                          chunks, m)
+    rb.write(2 * CHUNK_BYTES + 100, b"F" * 1000)   # partial: fetched first
+    rb.write(5 * CHUNK_BYTES, b"G" * CHUNK_BYTES)   # whole: never fetched
+    rb.flush()
+    print("flushed", flush=True)
+    rb.fill(workers=1)
+    print("done", flush=True)
+""")
+
+
+def test_kill_9_during_restore_then_resume(local: ObjectStore, tmp_path: Path) -> None:
+    chunks = ChunkStore(local, prefix="vol/")
+    tr = SnapshotTracker(new_volume(tmp_path / "src.img"), tmp_path / "src.snap")
+    fill_random(tr, 1, range(NCHUNKS))
+    want = bytearray(image(tr))
+    snapshot(tr, chunks, "snap-1")
+    tr.close()
+    want[2 * CHUNK_BYTES + 100:2 * CHUNK_BYTES + 1100] = b"F" * 1000
+    want[5 * CHUNK_BYTES:6 * CHUNK_BYTES] = b"G" * CHUNK_BYTES
+    script = tmp_path / "child.py"
+    script.write_text(RESTORE_CHILD.format(root=str(ROOT), tmp=str(tmp_path)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        gets_after_flush, flushed = 0, False
+        for line in proc.stdout:
+            flushed |= line.strip() == "flushed"
+            gets_after_flush += flushed and line.strip() == "get"
+            if gets_after_flush == 2:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+        if proc.stdout:
+            proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    rb = RestoringBackend(StoredBackend(tmp_path / "new.img"), tmp_path / "new.snap", chunks)
+    assert rb.restored_chunks == 2  # chunks 2 and 5, made durable by the flush; no fill checkpoint yet
+    assert rb.fill() and image(rb) == bytes(want)
+    rb.close()
