@@ -414,7 +414,8 @@ class SnapshotTracker:
     def begin_snapshot(self, snapshot_id: str, *, volume: str, created_at: str,
                        description: str = "") -> PendingSnapshot:
         """Freeze the volume's image now (crash-consistent: every write completed before this
-        call is in it, none issued after it). Durable on return; then run :meth:`upload`.
+        call is in it, none issued after it; the volume is flushed first). Durable on return;
+        then run :meth:`upload`. Writes wait only for the freeze itself (a few fsyncs).
 
         Raises :class:`SnapshotBusy` while another snapshot of this volume is pending.
         """
@@ -430,6 +431,10 @@ class SnapshotTracker:
             while self._inflight:
                 self._cond.wait()
         try:
+            # The frozen image must survive a power loss as it is now: without this, writes
+            # completed before the freeze but still in the page cache could be lost for chunks not
+            # uploaded yet while uploaded ones hold them (a mix no crash could produce).
+            self.inner.flush()
             with self._bits_lock:
                 frozen = bytearray(self._dirty) if self._base is not None else _all_bits(self.count)
             total = _popcount(frozen)

@@ -684,3 +684,20 @@ def test_kill_9_during_restore_then_resume(local: ObjectStore, tmp_path: Path) -
     assert rb.restored_chunks == 2  # chunks 2 and 5, made durable by the flush; no fill checkpoint yet
     assert rb.fill() and image(rb) == bytes(want)
     rb.close()
+
+
+def test_begin_flushes_the_volume_and_works_over_any_backend(local: ObjectStore,
+                                                             tmp_path: Path) -> None:
+    from volumes.memory import MemoryBackend
+
+    chunks = ChunkStore(local, prefix="vol/")
+    mem = MemoryBackend(3 * CHUNK_BYTES)
+    tr = SnapshotTracker(mem, tmp_path / "m.snap")
+    tr.write(CHUNK_BYTES + 3, b"data")
+    tr.begin_snapshot("snap-1", volume="mem", created_at=T0)
+    assert mem.flushes == 1  # the frozen image is on stable storage before anything uploads
+    tr.write(CHUNK_BYTES, b"x" * 10)
+    m = tr.upload(chunks)
+    assert m.chunks[0] is None and m.chunks[2] is None
+    assert restore_eager(chunks, m)[CHUNK_BYTES:CHUNK_BYTES + 7] == bytes(3) + b"data"
+    tr.close()
