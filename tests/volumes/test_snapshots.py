@@ -248,6 +248,9 @@ def test_failed_upload_resumes_after_reopen_and_manifest_absent_until_done(
     tr.write(0, b"X" * CHUNK_BYTES)  # uploaded already: no copy needed
     tr.write(5 * CHUNK_BYTES + 1, b"Y")  # not uploaded yet: copied aside
     kill_tracker(tr)
+    with open(state / "pending" / "done.log", "ab") as f:
+        f.write(b"\x00\x00\x00\x06" + bytes(19))  # a torn record: ignored, cut off
+    (state / "pending" / "cow" / "6.tmp").write_bytes(b"half")  # a copy never finished
 
     probe.fail_after = None
     tr = SnapshotTracker(StoredBackend(vol), state)
@@ -255,6 +258,8 @@ def test_failed_upload_resumes_after_reopen_and_manifest_absent_until_done(
     assert pending is not None and (pending.snapshot_id, pending.chunks_done) == ("snap-1", 3)
     assert pending.description == "nightly"
     assert tr.changed_chunks == 2  # trusted after a process crash on the same boot
+    assert (state / "pending" / "done.log").stat().st_size == 3 * 40
+    assert not (state / "pending" / "cow" / "6.tmp").exists()
     puts = probe.chunk_puts
     m = tr.upload(chunks)
     assert probe.chunk_puts - puts == 4
