@@ -123,14 +123,14 @@ def create(name_arg: str | None, name: str | None, size: int | None, vtype: str,
            as_json: bool, data_dir: Path) -> None:
     """Create a volume NAME and publish its iSCSI target."""
     if name_arg and name and name_arg != name:
-        raise click.UsageError("give the volume name once (NAME or --name)")
+        raise click.ClickException("give the volume name once (NAME or --name)")
     name = name_arg or name
     if not name:
-        raise click.UsageError("missing the volume name: vtl volume create NAME --size 1GiB")
+        raise click.ClickException("missing the volume name: vtl volume create NAME --size 1GiB")
     if size is None and snapshot_id is None:
-        raise click.UsageError("missing --size (e.g. --size 4TiB), or give --from-snapshot ID")
+        raise click.ClickException("missing --size (e.g. --size 4TiB), or give --from-snapshot ID")
     if vtype == "stored" and (cache_size is not None or buffer_size is not None):
-        raise click.UsageError("--cache-size and --upload-buffer-size apply to --type cached")
+        raise click.ClickException("--cache-size and --upload-buffer-size apply to --type cached")
     args: dict[str, Any] = {"name": name}
     if size is not None:
         args["size_bytes"] = size
@@ -201,17 +201,17 @@ def schedule(name: str, every: str | None, start_hour: int | None, description: 
     """Show or set the snapshot schedule of volume NAME."""
     if off:
         if every or start_hour is not None:
-            raise click.UsageError("--off takes no --every or --start-hour")
+            raise click.ClickException("--off takes no --every or --start-hour")
         result = call(data_dir, "DeleteSnapshotSchedule", name=name)
     elif every is None and start_hour is None and description is None:
         result = call(data_dir, "DescribeSnapshotSchedule", name=name)
     else:
         if every is None:
-            raise click.UsageError("missing --every (1h, 2h, 4h, 8h, 12h or 24h)")
+            raise click.ClickException("missing --every (1h, 2h, 4h, 8h, 12h or 24h)")
         try:
             hours = _parse_every(every)
         except click.BadParameter as exc:
-            raise click.UsageError(f"invalid --every {exc.format_message()}") from None
+            raise click.ClickException(f"invalid --every {exc.format_message()}") from None
         args: dict[str, Any] = {"name": name, "every_hours": hours,
                                 "start_hour": 0 if start_hour is None else start_hour}
         if description is not None:
@@ -315,7 +315,7 @@ def chap(name: str, user: str, secret: str, mutual_user: str | None,
          mutual_secret: str | None, initiators: tuple[str, ...], data_dir: Path) -> None:
     """Require CHAP (and optionally mutual CHAP, an initiator list) for a volume's target."""
     if (mutual_user is None) != (mutual_secret is None):
-        raise click.UsageError("--mutual-user and --mutual-secret go together")
+        raise click.ClickException("--mutual-user and --mutual-secret go together")
     args: dict[str, Any] = {"name": name, "chap_user": user, "chap_secret": secret}
     if mutual_user is not None:
         args.update(mutual_user=mutual_user, mutual_secret=mutual_secret)

@@ -648,11 +648,12 @@ class VolumeService:
         directory = self._cached_dir(name)
         remove_cached_files(directory)
         shutil.rmtree(directory, ignore_errors=True)
-        CachedBackend.create(directory, size, self._need_chunks(), cache_bytes=cache,
-                             buffer_bytes=buffer, source=manifest).close()
+        CachedBackend.create(directory, size, self._need_chunks().sibling(track=True),
+                             cache_bytes=cache, buffer_bytes=buffer, source=manifest).close()
 
     def _open_cached(self, row: dict[str, Any]) -> CachedBackend:
-        return CachedBackend.open(self._cached_dir(row["name"]), self._need_chunks(),
+        chunks = self._need_chunks().sibling(track=True)  # its uploads guarded against GC
+        return CachedBackend.open(self._cached_dir(row["name"]), chunks,
                                   size=row["size_bytes"], **self._cached_limits(row))
 
     def _cached_source(self, name: str, live: _LiveVolume, snapshot_id: str, created_at: str,
@@ -760,7 +761,7 @@ class VolumeService:
     def _state_dir(self, name: str) -> Path:
         return self.volume_dir / f"{name}.snap"
 
-    def _need_chunks(self) -> ChunkStore:
+    def _need_chunks(self) -> GuardedChunkStore:
         if self.chunks is None:
             raise Conflict("this needs an object store")
         return self.chunks

@@ -132,26 +132,31 @@ class _Hold:
 
 
 class GuardedChunkStore(ChunkStore):
-    """A ChunkStore whose ``put`` takes the collection lock (shared) and remembers what it
-    stored or found for two collections, so a chunk a cached volume is about to name in its
-    map (put returned, map not yet updated) is never collected in between."""
+    """A ChunkStore whose ``put`` takes the collection lock (shared). With ``track``, it also
+    remembers what it stored or found until two collections have passed, so a chunk a cached
+    volume is about to name in its map (put returned, map not updated yet) is never collected
+    in between. Snapshot uploads need no tracking: they hold the lock until their manifest is
+    stored."""
 
     def __init__(self, store: Any, prefix: str = "volumes/", *,
-                 lock: _SharedLock | None = None, recent: list[set[str]] | None = None) -> None:
+                 lock: _SharedLock | None = None, recent: list[set[str]] | None = None,
+                 track: bool = False) -> None:
         super().__init__(store, prefix)
         self.lock = lock if lock is not None else _SharedLock()
         self.recent = recent if recent is not None else [set(), set()]
+        self.track = track
 
     def put(self, data: bytes | memoryview) -> str | None:
         with self.lock.shared():
             ref = super().put(data)
-            if ref is not None:
+            if ref is not None and self.track:
                 self.recent[-1].add(ref)
             return ref
 
-    def sibling(self) -> "GuardedChunkStore":
+    def sibling(self, *, track: bool = False) -> "GuardedChunkStore":
         """Same store, lock and memory; its own upload counters."""
-        return GuardedChunkStore(self.store, self.prefix, lock=self.lock, recent=self.recent)
+        return GuardedChunkStore(self.store, self.prefix, lock=self.lock, recent=self.recent,
+                                 track=track)
 
     def rotate(self) -> set[str]:
         """Under the exclusive lock: the refs to keep alive now; starts a new generation."""
