@@ -315,7 +315,7 @@ def chap(name: str, user: str, secret: str, mutual_user: str | None,
          mutual_secret: str | None, initiators: tuple[str, ...], data_dir: Path) -> None:
     """Require CHAP (and optionally mutual CHAP, an initiator list) for a volume's target."""
     if (mutual_user is None) != (mutual_secret is None):
-        raise click.ClickException("--mutual-user and --mutual-secret go together")
+        raise click.UsageError("--mutual-user and --mutual-secret go together")
     args: dict[str, Any] = {"name": name, "chap_user": user, "chap_secret": secret}
     if mutual_user is not None:
         args.update(mutual_user=mutual_user, mutual_secret=mutual_secret)
