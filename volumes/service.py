@@ -1,16 +1,24 @@
 """VolumeService: stored and cached volumes as iSCSI targets, with AWS Storage Gateway names.
 
-Each volume is one sparse file ``<data-dir>/volumes/<name>.img`` (plus ``<name>.img.1`` past
-8 TiB, see ``volumes.stored``) served by a :class:`volumes.sbc.BlockDevice` as LUN 0 of its own
-iSCSI target
-``<authority>:<name>``. The catalog's ``volumes`` table is the source of truth; the live
-targets are derived from it in :meth:`VolumeService.start`.
+A stored volume is one sparse file ``<data-dir>/volumes/<name>.img`` (plus ``<name>.img.1``
+past 8 TiB, see ``volumes.stored``); a cached volume is a directory
+``<data-dir>/volumes/<name>.cached/`` (chunk map, journal, cache file: ``volumes.cached``) whose
+data lives in the object store. Each is served by a :class:`volumes.sbc.BlockDevice` as LUN 0
+of its own iSCSI target ``<authority>:<name>``. The catalog's ``volumes`` table is the source
+of truth; the live targets are derived from it in :meth:`VolumeService.start`.
+
+Statuses (AWS VolumeStatus): CREATING, AVAILABLE, RESTORING (stored, from a snapshot, chunks
+being fetched), BOOTSTRAPPING (cached, from a snapshot, cache being warmed), PASS THROUGH
+(reported while a cached volume's upload buffer is full and writes wait), DELETING,
+IRRECOVERABLE (its local data cannot be opened). UPLOAD BUFFER NOT CONFIGURED is defined for
+completeness: every cached volume has an upload buffer here.
 
 Invariants:
-- Creation is crash-safe: the row is written with status CREATING before the file exists, and
-  set to AVAILABLE only after the file is durable and the target is registered. ``start()``
-  completes a CREATING row whose file has its full size, and removes any other leftover
-  (row and partial file); a DELETING row is finished off the same way.
+- Creation is crash-safe: the row is written with status CREATING before the files exist, and
+  set to its first served status only after they are durable and the target is registered.
+  ``start()`` completes a CREATING row whose data is whole (full-size file and, from a
+  snapshot, the restore state; a cached volume's map), and removes any other leftover (row and
+  partial files); a DELETING row is finished off the same way.
 - Deletion unregisters the target first (no new logins), then closes the device (commands of
   sessions still logged in end with NOT READY instead of touching a closed file), then removes
   the file and finally the rows.
@@ -52,7 +60,10 @@ from volumes.chunks import CHUNK_BYTES, ChunkStore, Manifest, chunk_count
 from volumes.sbc import BlockDevice
 from volumes.cached import MAP_FILE as CACHED_MAP_FILE, CachedBackend, remove_cached_files
 from volumes.cachemap import ChunkMap
+from volumes.snapservice import CachedSource as _CachedSource
 from volumes.snapservice import GuardedChunkStore, SnapshotManager
+from volumes.snapservice import TrackerSource as _TrackerSource
+from volumes.snapservice import extend_manifest as _extend
 from volumes.snapshots import (
     RestoringBackend, SnapshotBusy, SnapshotError, SnapshotTracker, restoring, state_refs,
 )
@@ -114,6 +125,7 @@ class _LiveVolume:
     restore: RestoringBackend | None = None
     cached: CachedBackend | None = None
     fill: asyncio.Task[None] | None = None
+    closed: bool = False  # unserved: background work on it stops
 
 
 def _utc_now() -> str:
@@ -588,27 +600,32 @@ class VolumeService:
         assert rb is not None
         loop = asyncio.get_running_loop()
 
+        last = [-1]
+
         def progress(done: int, total: int) -> None:
-            if self._stopping.is_set():
-                return
             pct = 100.0 if total == 0 else 100.0 * done / total
+            if self._stopping.is_set() or int(pct * 10) == last[0]:
+                return  # a catalog write per 0.1 %, not per chunk
+            last[0] = int(pct * 10)
             try:
                 loop.call_soon_threadsafe(self._set_progress, name, pct)
             except RuntimeError:
                 pass
 
+        def stop() -> bool:
+            return self._stopping.is_set() or live.closed
+
         attempt = 0
         while not self._stopping.is_set():
             try:
                 done = await loop.run_in_executor(
-                    self._fill_pool, lambda: rb.fill(progress=progress,
-                                                     should_stop=self._stopping.is_set))
+                    self._fill_pool, lambda: rb.fill(progress=progress, should_stop=stop))
                 if done:
                     break
             except asyncio.CancelledError:
                 raise
             except (StoreError, OSError) as exc:
-                if self._stopping.is_set():
+                if stop():
                     return
                 delay = min(MAX_BACKOFF, 2.0 ** min(attempt, 6))
                 attempt += 1
@@ -717,7 +734,7 @@ class VolumeService:
 
         def warm() -> None:
             for i in range(total):
-                if self._stopping.is_set():
+                if self._stopping.is_set() or live.closed:
                     return
                 n = min(CHUNK_BYTES, cached.size - i * CHUNK_BYTES)
                 cached.read(i * CHUNK_BYTES, n)
@@ -736,7 +753,7 @@ class VolumeService:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # store down (NOT READY after read_wait), closed
-                if self._stopping.is_set():
+                if self._stopping.is_set() or live.closed:
                     return
                 delay = min(MAX_BACKOFF, 2.0 ** min(attempt, 6))
                 attempt += 1
@@ -888,6 +905,7 @@ class VolumeService:
         live = self._live.pop(name, None)
         if live is None:
             return
+        live.closed = True
         if live.fill is not None:
             live.fill.cancel()
         if self.targets.lookup(live.target.name) is live.target:
@@ -913,45 +931,6 @@ class VolumeService:
             db.execute("delete from volumes where name = ?", [name])
 
 
-class _TrackerSource:
-    """A stored volume's pending snapshot (SnapshotTracker) as a SnapshotManager source."""
-
-    def __init__(self, tracker: SnapshotTracker, snapshot_id: str) -> None:
-        self.tracker, self.snapshot_id = tracker, snapshot_id
-
-    def upload(self, chunks: ChunkStore, progress: Callable[[int, int], None],
-               stopping: Callable[[], bool]) -> Manifest:
-        return self.tracker.upload(chunks, progress=progress, should_stop=stopping)
-
-    def release(self) -> None:
-        pending = self.tracker.pending
-        if pending is not None and pending.snapshot_id == self.snapshot_id:
-            self.tracker.abort_snapshot()
-
-
-class _CachedSource:
-    """A cached volume's recovery point as a snapshot: its chunk map frozen when the job
-    starts, once every chunk dirty at that moment is uploaded (copy-on-write meanwhile)."""
-
-    def __init__(self, cached: CachedBackend, snapshot_id: str, volume: str, created_at: str,
-                 description: str) -> None:
-        self.cached, self.snapshot_id = cached, snapshot_id
-        self.volume, self.created_at, self.description = volume, created_at, description
-
-    def upload(self, chunks: ChunkStore, progress: Callable[[int, int], None],
-               stopping: Callable[[], bool]) -> Manifest:
-        from volumes.snapshots import manifest_from_refs
-
-        refs = self.cached.recovery_point()
-        progress(len(refs), len(refs))
-        return manifest_from_refs(chunks, refs, snapshot_id=self.snapshot_id,
-                                  volume=self.volume, size_bytes=self.cached.size,
-                                  created_at=self.created_at, description=self.description)
-
-    def release(self) -> None:
-        pass
-
-
 def _limit(value: object, what: str, default: int) -> int:
     if value is None:
         return default
@@ -959,16 +938,6 @@ def _limit(value: object, what: str, default: int) -> int:
         raise InvalidRequest(f"invalid {what} {value!r}: give at least "
                              f"{MIN_CACHE_BYTES // (1024 * 1024)} MiB in bytes")
     return value
-
-
-def _extend(manifest: Manifest, size: int) -> Manifest:
-    """The manifest of a ``size``-byte volume holding the snapshot at its start (zeros after)."""
-    if size == manifest.size_bytes:
-        return manifest
-    extra = chunk_count(size, manifest.chunk_bytes) - len(manifest.chunks)
-    return Manifest(manifest.snapshot_id, manifest.volume, size, manifest.created_at,
-                    manifest.description, manifest.chunk_bytes,
-                    list(manifest.chunks) + [None] * extra)
 
 
 def _auth_from_record(record: dict[str, Any]) -> TargetAuth:

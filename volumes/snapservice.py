@@ -36,12 +36,14 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from catalog import volumes as vq
-from volumes.chunks import ChunkStore, Manifest
+from volumes.chunks import ChunkStore, Manifest, chunk_count
 from vtl.cloud.store import ObjectNotFound, StoreError
 from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound
 
 if TYPE_CHECKING:
+    from volumes.cached import CachedBackend
     from volumes.service import VolumeService
+    from volumes.snapshots import SnapshotTracker
 
 log = logging.getLogger(__name__)
 
@@ -283,10 +285,13 @@ class SnapshotManager:
     def _progress(self, sid: str) -> Callable[[int, int, int], None]:
         loop = asyncio.get_running_loop()
 
+        last = [-1]
+
         def report(done: int, total: int) -> None:
-            if self._stopping.is_set():
-                return
             pct = 100.0 if total == 0 else min(99.9, 100.0 * done / total)
+            if self._stopping.is_set() or int(pct * 10) == last[0]:
+                return  # a catalog write per 0.1 %, not per chunk
+            last[0] = int(pct * 10)
             try:
                 loop.call_soon_threadsafe(lambda: self._update(sid, progress=pct))
             except RuntimeError:
@@ -548,3 +553,52 @@ def _args(args: dict[str, Any], required: tuple[str, ...], optional: tuple[str, 
     from volumes.service import _args as check
 
     check(args, required, optional)
+
+
+class TrackerSource:
+    """A stored volume's pending snapshot (SnapshotTracker) as a SnapshotManager source."""
+
+    def __init__(self, tracker: SnapshotTracker, snapshot_id: str) -> None:
+        self.tracker, self.snapshot_id = tracker, snapshot_id
+
+    def upload(self, chunks: ChunkStore, progress: Callable[[int, int], None],
+               stopping: Callable[[], bool]) -> Manifest:
+        return self.tracker.upload(chunks, progress=progress, should_stop=stopping)
+
+    def release(self) -> None:
+        pending = self.tracker.pending
+        if pending is not None and pending.snapshot_id == self.snapshot_id:
+            self.tracker.abort_snapshot()
+
+
+class CachedSource:
+    """A cached volume's recovery point as a snapshot: its chunk map frozen when the job
+    starts, once every chunk dirty at that moment is uploaded (copy-on-write meanwhile)."""
+
+    def __init__(self, cached: CachedBackend, snapshot_id: str, volume: str, created_at: str,
+                 description: str) -> None:
+        self.cached, self.snapshot_id = cached, snapshot_id
+        self.volume, self.created_at, self.description = volume, created_at, description
+
+    def upload(self, chunks: ChunkStore, progress: Callable[[int, int], None],
+               stopping: Callable[[], bool]) -> Manifest:
+        from volumes.snapshots import manifest_from_refs
+
+        refs = self.cached.recovery_point()
+        progress(len(refs), len(refs))
+        return manifest_from_refs(chunks, refs, snapshot_id=self.snapshot_id,
+                                  volume=self.volume, size_bytes=self.cached.size,
+                                  created_at=self.created_at, description=self.description)
+
+    def release(self) -> None:
+        pass
+
+
+def extend_manifest(manifest: Manifest, size: int) -> Manifest:
+    """The manifest of a ``size``-byte volume holding the snapshot at its start (zeros after)."""
+    if size == manifest.size_bytes:
+        return manifest
+    extra = chunk_count(size, manifest.chunk_bytes) - len(manifest.chunks)
+    return Manifest(manifest.snapshot_id, manifest.volume, size, manifest.created_at,
+                    manifest.description, manifest.chunk_bytes,
+                    list(manifest.chunks) + [None] * extra)

@@ -42,6 +42,7 @@ def test_kill9_during_snapshot_upload(tmp_path: Path) -> None:
     app = ApplianceProcess(tmp_path / "data", extra_args=["--workers", "0"]).start()
     try:
         vol = create(app, "crashy", "--size", "1GiB")
+        cli_json(app, "volume", "schedule", "crashy", "--every", "8h", "--start-hour", "2")
         image = {i: rnd.randbytes(MiB) for i in range(160)}
         with session(app, vol) as s:
             for i, chunk in image.items():
@@ -69,6 +70,9 @@ def test_kill9_during_snapshot_upload(tmp_path: Path) -> None:
             app.kill()
     app.restart()
     try:
+        sched = cli_json(app, "volume", "schedule", "crashy")  # persisted, reloaded at start
+        assert (sched["every_hours"], sched["start_hour"]) == (8, 2), sched
+        assert sched["next_run_at"] and int(sched["next_run_at"][11:13]) in (2, 10, 18)
         deadline = time.monotonic() + 60
         while True:
             rows = snapshot_rows(app)
