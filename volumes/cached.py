@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict, deque
@@ -53,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from volumes.cachemap import (
-    DIGEST_BYTES, KIND_DIRTY, KIND_REF, ZERO_DIGEST, ChunkMap, Journal, MapCorrupt, Record,
-    read_lru, replay, write_lru,
+    DIGEST_BYTES, KIND_DIRTY, KIND_REF, ZERO_DIGEST, ChunkMap, Freeze, Journal, MapCorrupt,
+    Record, read_lru, replay, write_lru,
 )
 from volumes.chunks import CHUNK_BYTES, ChunkCorrupt, ChunkRef, ChunkStore, Manifest, chunk_count
 from volumes.stored import StoredBackend, remove_volume_files
@@ -84,39 +82,6 @@ _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
 def busy_error() -> SenseError:
     """NOT READY / 04/07: the command may succeed later (see the module docstring)."""
     return SenseError(SenseKey.NOT_READY, Asc.LUN_NOT_READY_OPERATION_IN_PROGRESS)
-
-
-class _Freeze:
-    """One recovery point in progress: the content of the chunks dirty at its start.
-
-    Writes and discards of a frozen chunk first hand its old content to the freeze
-    (copy-on-write): a reference if the content is in the store, else the bytes, kept in a
-    temporary file in the volume directory (not in memory: it may be the whole upload buffer).
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.pending: set[int] = set()
-        self.refs: dict[int, bytes] = {}
-        self.saved: dict[int, tuple[int, int]] = {}  # index -> (slot offset, length)
-        self._file: Any = None
-        self._dir = directory
-        self._lock = threading.Lock()
-
-    def save(self, index: int, data: bytes) -> None:
-        with self._lock:
-            if self._file is None:
-                self._file = tempfile.TemporaryFile(dir=self._dir, prefix="rp-")
-            at = len(self.saved) * CHUNK_BYTES
-            os.pwrite(self._file.fileno(), data, at)
-            self.saved[index] = (at, len(data))
-
-    def load(self, index: int) -> bytes:
-        at, n = self.saved[index]
-        return os.pread(self._file.fileno(), n, at)
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
 
 
 class CachedBackend:
@@ -171,7 +136,7 @@ class CachedBackend:
         self._uploading: dict[int, int] = {}
         self._overlay: dict[int, tuple[int, bytes]] = {}  # map updates not yet durable
         self._after_sync: deque[tuple[int, int, int | None]] = deque()  # (seq, index, gen)
-        self._freezes: dict[int, list[_Freeze]] = {}
+        self._freezes: dict[int, list[Freeze]] = {}
         self._gen = 0
         self._epoch = 0
         self._waiters = 0
@@ -331,7 +296,8 @@ class CachedBackend:
             if self._state[index] != ABSENT:
                 data = self._cache.read(base + at, n)
                 with self._lock:
-                    if index in self._lru:
+                    if self._state[index] == CLEAN:  # back in, should an eviction have
+                        self._lru[index] = None      # picked it meanwhile
                         self._lru.move_to_end(index)
                 return data
             with self._lock:
@@ -628,14 +594,17 @@ class CachedBackend:
         self._maybe_checkpoint()
         self._evict()
 
-    def _put(self, data: bytes) -> ChunkRef | None | bool:
-        """Store one chunk, retrying with backoff through outages; False if closing."""
+    def _put(self, data: bytes, deadline: float | None = None) -> ChunkRef | None | bool:
+        """Store one chunk, retrying with backoff through outages; False if closing.
+        Past ``deadline`` (monotonic) the store's error is raised."""
         delay = _BACKOFF_MIN
         while not self._stop.is_set():
             try:
                 ref = self.chunks.put(data)
             except StoreError as exc:
                 self._store_down(exc)
+                if deadline is not None and time.monotonic() + delay > deadline:
+                    raise
                 self._stop.wait(delay)
                 delay = min(delay * 2, _BACKOFF_MAX)
                 continue
@@ -672,12 +641,16 @@ class CachedBackend:
                 if left is not None and left <= 0:
                     return False
                 self._idle.wait(left if left is not None else 1.0)
-            return not self._dirty
+            done = not self._dirty
+        self._evict()  # the uploader that cleaned the last chunk may not have evicted yet
+        return done
 
     # ------------------------------------------------------------------ recovery points
     def _copy_on_write(self, index: int) -> None:
         """Hand the chunk's current content to recovery points that froze it. Under the
         chunk's stripe lock, before the chunk changes."""
+        if not self._freezes:  # no recovery point running (the usual case): no lock
+            return
         with self._lock:
             freezes = self._freezes.pop(index, None)
             if not freezes:
@@ -691,7 +664,7 @@ class CachedBackend:
             else:
                 f.save(index, data)
 
-    def _resolve(self, freeze: _Freeze, index: int) -> bytes:
+    def _resolve(self, freeze: Freeze, index: int, deadline: float | None) -> bytes:
         """The digest of chunk ``index`` as of the recovery point, uploading it if needed."""
         data: bytes | None = None
         with self._stripe(index):
@@ -711,21 +684,23 @@ class CachedBackend:
             return freeze.refs[index]
         if data is None:
             data = freeze.load(index)
-        ref = self._put(data)
+        ref = self._put(data, deadline)
         if ref is False:
             raise OSError(errno.EBADF, "cached volume closed during a recovery point")
         return ZERO_DIGEST if ref is None else bytes.fromhex(ref)  # type: ignore[arg-type]
 
-    def recovery_point(self) -> list[ChunkRef | None]:
+    def recovery_point(self, timeout: float | None = None) -> list[ChunkRef | None]:
         """The volume's chunk map as of this call, once every chunk it names is in the store.
 
         Chunks dirty at the call are uploaded as they were then (writes made meanwhile go to
-        the volume, not to this recovery point: copy-on-write). Waits out store outages.
+        the volume, not to this recovery point: copy-on-write). Waits out store outages, for
+        at most ``timeout`` seconds if given (then the store's StoreUnavailable is raised).
         Memory: 32 bytes per chunk (1 GiB at 32 TiB) plus the returned list.
         """
-        if self._closed:
+        if self._closed or self._closing:
             raise OSError(errno.EBADF, "cached volume is closed")
-        freeze = _Freeze(self.directory)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        freeze = Freeze(self.directory)
         with self._lock:
             snap = self._map.digests()
             for index, (_, digest) in self._overlay.items():
@@ -738,7 +713,7 @@ class CachedBackend:
                 with ThreadPoolExecutor(max(1, len(self._threads)),
                                         thread_name_prefix="cached-rp") as pool:
                     for index, digest in zip(frozen, pool.map(
-                            lambda i: self._resolve(freeze, i), frozen)):
+                            lambda i: self._resolve(freeze, i, deadline), frozen)):
                         snap[index * DIGEST_BYTES:(index + 1) * DIGEST_BYTES] = digest
         finally:
             with self._lock:
@@ -762,7 +737,9 @@ class CachedBackend:
         (for :meth:`ChunkStore.collect`)."""
         with self._lock:
             extra = {d for _, d in self._overlay.values()}
-            refs = {d.hex() for _, d in self._map.nonzero()}
+        refs = {d.hex() for _, d in self._map.nonzero(self._lock)}  # locked block by block
+        with self._lock:
+            extra.update(d for _, d in self._overlay.values())
         refs.update(d.hex() for d in extra if d != ZERO_DIGEST)
         return refs
 

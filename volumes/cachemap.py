@@ -38,13 +38,16 @@ import json
 import mmap
 import os
 import struct
+import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import crc32c as _crc32c
 
+from volumes.chunks import CHUNK_BYTES
 from vtl.errors import ApplianceError
 from vtl.library.cartridge import fsync_dir
 
@@ -180,17 +183,21 @@ class ChunkMap:
         """A copy of every entry (count x 32 bytes)."""
         return bytearray(self._mm[HEADER_BYTES:])
 
-    def nonzero(self) -> Iterator[tuple[int, bytes]]:
-        """(index, digest) of every non-zero entry, skipping zero runs block by block."""
+    def nonzero(self, lock: threading.Lock | None = None) -> Iterator[tuple[int, bytes]]:
+        """(index, digest) of every non-zero entry, skipping zero runs block by block;
+        each 64 KiB block is read under ``lock`` if given (never torn by a concurrent set)."""
         view = memoryview(self._mm)[HEADER_BYTES:]
         block = 64 * 1024
         zeros = bytes(block)
         try:
             for base in range(0, len(view), block):
-                part = view[base:base + block]
-                if part == zeros[:len(part)]:
+                if lock is not None:
+                    with lock:
+                        raw = bytes(view[base:base + block])
+                else:
+                    raw = bytes(view[base:base + block])
+                if raw == zeros[:len(raw)]:
                     continue
-                raw = bytes(part)
                 for at in range(0, len(raw), DIGEST_BYTES):
                     d = raw[at:at + DIGEST_BYTES]
                     if d != ZERO_DIGEST:
@@ -381,6 +388,42 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------------------ recovery points
+
+
+class Freeze:
+    """One recovery point in progress: the content of the chunks dirty at its start.
+
+    Writes and discards of a frozen chunk first hand its old content to the freeze
+    (copy-on-write): a reference if the content is in the store, else the bytes, kept in a
+    temporary file in the volume directory (not in memory: it may be the whole upload buffer).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.pending: set[int] = set()
+        self.refs: dict[int, bytes] = {}
+        self.saved: dict[int, tuple[int, int]] = {}  # index -> (slot offset, length)
+        self._file: Any = None
+        self._dir = directory
+        self._lock = threading.Lock()
+
+    def save(self, index: int, data: bytes) -> None:
+        with self._lock:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._dir, prefix="rp-")
+            at = len(self.saved) * CHUNK_BYTES
+            os.pwrite(self._file.fileno(), data, at)
+            self.saved[index] = (at, len(data))
+
+    def load(self, index: int) -> bytes:
+        at, n = self.saved[index]
+        return os.pread(self._file.fileno(), n, at)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 LRU_MAGIC = b"VTLCLRU\0"
