@@ -65,6 +65,7 @@ from volumes.chunks import (CHUNK_BYTES, ChunkCorrupt, ChunkRef, ChunkStore, Man
                             chunk_count, chunk_ref, valid_snapshot_id)
 from volumes.sbc import BlockBackend
 from vtl.cloud.store import ObjectNotFound, StoreError
+from vtl.library.cartridge import atomic_write, fsync_dir
 
 Progress = Callable[[int, int], None]
 """Called with ``(chunks done, chunks in total)`` as work proceeds (from worker threads)."""
@@ -105,28 +106,6 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return ""  # unknown: every unclean reopen counts as after a reboot
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _remove_tree(path: Path) -> None:
@@ -248,15 +227,15 @@ class SnapshotTracker:
             if base is not None:
                 if base.size_bytes != inner.size or base.chunk_bytes != self.chunk_bytes:
                     raise SnapshotError("base manifest does not match the volume's size")
-                _write_atomic(self.state_dir / "base.manifest", base.encode())
+                atomic_write(self.state_dir / "base.manifest", base.encode())
             self._dirty = bytearray((self.count + 7) // 8) if base is not None else _all_bits(self.count)
         else:
             self._base = _read_manifest_file(self.state_dir / "base.manifest")
             trusted = bool(meta.get("clean")) or (bool(boot) and meta.get("boot_id") == boot)
             self._dirty = dirty if (trusted and dirty is not None) else _all_bits(self.count)
-        _write_atomic(self.state_dir / "dirty.bits", bytes(self._dirty))
+        atomic_write(self.state_dir / "dirty.bits", bytes(self._dirty))
         self._dirty_fd = os.open(self.state_dir / "dirty.bits", os.O_RDWR | os.O_CLOEXEC)
-        _write_atomic(meta_path, json.dumps({
+        atomic_write(meta_path, json.dumps({
             "version": STATE_VERSION, "size_bytes": inner.size, "chunk_bytes": self.chunk_bytes,
             "boot_id": boot, "clean": False}).encode())
         self._pending: dict[str, object] | None = None
@@ -304,7 +283,7 @@ class SnapshotTracker:
             if self._done_fd is not None:
                 os.close(self._done_fd)
                 self._done_fd = None
-            _write_atomic(self.state_dir / "tracker.json", json.dumps({
+            atomic_write(self.state_dir / "tracker.json", json.dumps({
                 "version": STATE_VERSION, "size_bytes": self.inner.size,
                 "chunk_bytes": self.chunk_bytes, "boot_id": _boot_id(), "clean": True}).encode())
         close = getattr(self.inner, "close", None)
@@ -388,7 +367,7 @@ class SnapshotTracker:
             finally:
                 os.close(fd)
             os.replace(tmp, path)
-            _fsync_dir(cow)
+            fsync_dir(cow)
             self._cowed.add(i)
 
     def _chunk_length(self, i: int) -> int:
@@ -443,11 +422,11 @@ class SnapshotTracker:
             tmp = self.state_dir / "pending.tmp"
             _remove_tree(tmp)
             (tmp / "cow").mkdir(parents=True)
-            _write_atomic(tmp / "frozen.bits", bytes(frozen))
-            _write_atomic(tmp / "snapshot.json", json.dumps(info).encode())
-            _write_atomic(tmp / "done.log", b"")
+            atomic_write(tmp / "frozen.bits", bytes(frozen))
+            atomic_write(tmp / "snapshot.json", json.dumps(info).encode())
+            atomic_write(tmp / "done.log", b"")
             os.replace(tmp, self.state_dir / "pending")
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
             with self._bits_lock:  # the new epoch starts with nothing changed
                 self._dirty = bytearray(len(self._dirty))
                 os.pwrite(self._dirty_fd, bytes(self._dirty), 0)
@@ -571,7 +550,7 @@ class SnapshotTracker:
         return manifest
 
     def _finish(self, manifest: Manifest) -> None:
-        _write_atomic(self.state_dir / "base.manifest", manifest.encode())
+        atomic_write(self.state_dir / "base.manifest", manifest.encode())
         with self._cow_lock:
             self._base = manifest
             if self._done_fd is not None:
@@ -580,7 +559,7 @@ class SnapshotTracker:
             root = self.state_dir / "pending"
             gone = self.state_dir / "pending.tmp"
             os.replace(root, gone)  # one atomic step: the snapshot is complete
-            _fsync_dir(self.state_dir)
+            fsync_dir(self.state_dir)
             self._pending, self._frozen, self._done, self._cowed = None, bytearray(), {}, set()
         _remove_tree(gone)
 
@@ -610,7 +589,7 @@ class SnapshotTracker:
                     os.close(self._done_fd)
                     self._done_fd = None
                 os.replace(self.state_dir / "pending", self.state_dir / "pending.tmp")
-                _fsync_dir(self.state_dir)
+                fsync_dir(self.state_dir)
                 self._pending, self._frozen, self._done, self._cowed = None, bytearray(), {}, set()
             _remove_tree(self.state_dir / "pending.tmp")
             return sid
@@ -750,8 +729,8 @@ class RestoringBackend:
             for i, ref in enumerate(manifest.chunks):
                 if ref is None:
                     _set_bit(bits, i)  # a new sparse volume already reads zeros there
-            _write_atomic(bpath, bytes(bits))
-            _write_atomic(mpath, manifest.encode())
+            atomic_write(bpath, bytes(bits))
+            atomic_write(mpath, manifest.encode())
         else:
             manifest = _read_manifest_file(mpath)
             if manifest is None:
@@ -857,7 +836,7 @@ class RestoringBackend:
         self._checkpoint()
         for name in ("restored.bits", "restore.manifest"):
             (self.state_dir / name).unlink(missing_ok=True)
-        _fsync_dir(self.state_dir)
+        fsync_dir(self.state_dir)
 
     # --- BlockBackend -------------------------------------------------------------------------
     @property

@@ -6,6 +6,7 @@ import hashlib
 import os
 import random
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,22 +19,38 @@ from hypothesis import strategies as st
 from tests.cloud.conftest import _fake_aws_env, boto_session, moto_s3  # noqa: F401 (fixtures)
 from vtl.cloud.clock import ManualClock
 from vtl.cloud.local import LocalStore
-from vtl.cloud.store import ObjectNotFound, ObjectStore
+from vtl.cloud.store import ObjectNotFound, ObjectStore, StoreUnavailable
 from volumes.chunks import (CHUNK_BYTES, MANIFEST_MAGIC, ChunkCorrupt, ChunkStore, Manifest,
                             chunk_ref)
 
 
-class CountingStore:
-    """An ObjectStore wrapper that counts the requests chunks.py makes."""
+class Probe:
+    """An ObjectStore wrapper counting the requests made (chunk PUTs/GETs apart), optionally
+    failing chunk PUTs after ``fail_after`` of them or slowing them by ``delay`` seconds."""
 
     def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
         self.puts: list[str] = []
         self.heads = 0
+        self.chunk_puts = 0
+        self.chunk_gets = 0
+        self.fail_after: int | None = None
+        self.delay = 0.0
 
     def put_object(self, key: str, data: Any, **kw: Any) -> Any:
+        if "/chunks/" in key:
+            if self.fail_after is not None and self.chunk_puts >= self.fail_after:
+                raise StoreUnavailable("endpoint down (test)")
+            if self.delay:
+                time.sleep(self.delay)
+            self.chunk_puts += 1
         self.puts.append(key)
         return self.inner.put_object(key, data, **kw)
+
+    def get_object(self, key: str, **kw: Any) -> bytes:
+        if "/chunks/" in key:
+            self.chunk_gets += 1
+        return self.inner.get_object(key, **kw)
 
     def head_object(self, key: str) -> Any:
         self.heads += 1
@@ -53,7 +70,7 @@ def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectSt
 
 @pytest.fixture
 def chunks(backing: ObjectStore) -> ChunkStore:
-    return ChunkStore(CountingStore(backing), prefix="vol/")  # type: ignore[arg-type]
+    return ChunkStore(Probe(backing), prefix="vol/")  # type: ignore[arg-type]
 
 
 def rand(n: int, seed: int) -> bytes:
@@ -78,7 +95,7 @@ def test_zero_chunk_is_never_stored(chunks: ChunkStore, backing: ObjectStore) ->
 
 
 def test_unchanged_data_is_uploaded_once(chunks: ChunkStore, backing: ObjectStore) -> None:
-    store: CountingStore = chunks.store  # type: ignore[assignment]
+    store: Probe = chunks.store  # type: ignore[assignment]
     data = rand(4096, 2)
     r1 = chunks.put(data)
     r2 = chunks.put(bytearray(data))

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.cloud.conftest import _fake_aws_env, boto_session, moto_s3  # noqa: F401 (fixtures)
+from tests.volumes.test_chunks import Probe, backing  # noqa: F401 (fixture)
 from vtl.cloud.clock import ManualClock
 from vtl.cloud.local import LocalStore
 from vtl.cloud.store import ObjectNotFound, ObjectStore, StoreUnavailable
@@ -35,42 +35,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 6 * CHUNK_BYTES + 8192  # the last chunk is short
 NCHUNKS = 7
 T0 = "2026-11-25T23:00:00+00:00"
-
-
-class Probe:
-    """An ObjectStore wrapper counting PUTs/GETs of chunk objects, optionally failing or slow."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-        self.chunk_puts = 0
-        self.chunk_gets = 0
-        self.fail_after: int | None = None  # chunk PUTs allowed before StoreUnavailable
-        self.delay = 0.0
-
-    def put_object(self, key: str, data: Any, **kw: Any) -> Any:
-        if "/chunks/" in key:
-            if self.fail_after is not None and self.chunk_puts >= self.fail_after:
-                raise StoreUnavailable("endpoint down (test)")
-            if self.delay:
-                time.sleep(self.delay)
-            self.chunk_puts += 1
-        return self.inner.put_object(key, data, **kw)
-
-    def get_object(self, key: str, **kw: Any) -> bytes:
-        if "/chunks/" in key:
-            self.chunk_gets += 1
-        return self.inner.get_object(key, **kw)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
-@pytest.fixture(params=["local", "moto"])
-def backing(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ObjectStore]:
-    if request.param == "local":
-        yield LocalStore(tmp_path / "store", clock=ManualClock())
-    else:
-        yield request.getfixturevalue("moto_s3")
 
 
 @pytest.fixture
