@@ -35,6 +35,8 @@ Invariants:
   most cache_bytes + buffer_bytes, like the separate cache and upload buffer disks of AWS.
 - Store outages (StoreUnavailable, or any other store error) make the uploaders back off and
   retry; a dirty chunk is never dropped.
+- A sequential reader gets read-ahead: the next few chunks are fetched in the background
+  (at most a quarter of the cache), under the same stripe locks, so no chunk is fetched twice.
 - Lock order: a chunk's stripe lock, then the state lock. Eviction takes stripe locks and so
   runs only where the caller holds none.
 """
@@ -77,6 +79,7 @@ MAP_FILE, JOURNAL_FILE, CACHE_FILE, LRU_FILE = "map.bin", "journal.log", "cache.
 _STRIPES = 1024
 _CHECKPOINT_RECORDS = 65536
 _BACKOFF_MIN, _BACKOFF_MAX = 0.05, 5.0
+_READ_AHEAD = 8  # chunks fetched ahead of a sequential reader
 
 
 def busy_error() -> SenseError:
@@ -137,6 +140,9 @@ class CachedBackend:
         self._overlay: dict[int, tuple[int, bytes]] = {}  # map updates not yet durable
         self._after_sync: deque[tuple[int, int, int | None]] = deque()  # (seq, index, gen)
         self._freezes: dict[int, list[Freeze]] = {}
+        self._last_read = -2
+        self._prefetching: set[int] = set()
+        self._readahead = ThreadPoolExecutor(2, thread_name_prefix="cached-readahead")
         self._gen = 0
         self._epoch = 0
         self._waiters = 0
@@ -284,7 +290,10 @@ class CachedBackend:
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        parts = [self._read_chunk(i, at, n) for i, at, n in self._pieces(offset, length)]
+        pieces = self._pieces(offset, length)
+        if pieces:
+            self._read_ahead(pieces[0][0], pieces[-1][0])
+        parts = [self._read_chunk(i, at, n) for i, at, n in pieces]
         self._evict()
         if not parts:
             return b""
@@ -311,6 +320,50 @@ class CachedBackend:
                 self._lru[index] = None
                 self._clean_bytes += len(full)
             return full[at:at + n] if (at, n) != (0, len(full)) else full
+
+    def _read_ahead(self, first: int, last: int) -> None:
+        """On a sequential read (this one starts where the previous ended), fetch the next
+        few chunks in the background, at most a quarter of the cache's worth."""
+        with self._lock:
+            sequential = first in (self._last_read, self._last_read + 1)
+            self._last_read = last
+            depth = min(_READ_AHEAD, self.cache_bytes // CHUNK_BYTES // 4)
+            if not sequential or depth <= 0 or self._closing:
+                return
+            todo = [i for i in range(last + 1, min(last + 1 + depth, self._count))
+                    if self._state[i] == ABSENT and i not in self._prefetching
+                    and self._digest(i) != ZERO_DIGEST]
+            self._prefetching.update(todo)
+        for i in todo:
+            self._readahead.submit(self._prefetch, i)
+
+    def _prefetch(self, index: int) -> None:
+        """Bring one chunk into the cache if it is still absent; a failure is only a miss."""
+        try:
+            with self._stripe(index):
+                if self._stop.is_set() or self._state[index] != ABSENT:
+                    return
+                with self._lock:
+                    digest = self._digest(index)
+                if digest == ZERO_DIGEST:
+                    return
+                try:
+                    full = self.chunks.get(digest.hex(), self._chunk_len(index))
+                except StoreError:
+                    return
+                self._cache.write(index * CHUNK_BYTES, full)
+                with self._lock:
+                    self._state[index] = CLEAN
+                    self._lru[index] = None
+                    self._clean_bytes += len(full)
+                    self.fetched_bytes += len(full)
+            self._evict()
+        except Exception:  # a bug; the reader fetches the chunk itself
+            log.exception("cached volume %s: read-ahead of chunk %d failed", self.directory,
+                          index)
+        finally:
+            with self._lock:
+                self._prefetching.discard(index)
 
     def _fetch(self, index: int, digest: bytes) -> bytes:
         """The chunk from the store, verified; waits out an outage for ``read_wait``."""
@@ -793,6 +846,7 @@ class CachedBackend:
             self._idle.notify_all()
         for t in self._threads:
             t.join()
+        self._readahead.shutdown(wait=True, cancel_futures=True)
         try:
             self._flush(everything=True)
             with self._lock:

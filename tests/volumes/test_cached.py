@@ -488,3 +488,19 @@ def test_block_device_over_cached_volume(local_wrapped: WrappedStore, make: Open
     assert run(dev, write10(2040, 64, 0x08), payload).ok  # FUA, across a chunk border
     res = run(dev, read10(2040, 64), expected_in=len(payload))
     assert res.ok and bytes(res.data_in) == payload
+
+
+def test_sequential_cold_read_fetches_each_chunk_once(local_wrapped: WrappedStore,
+                                                      make: Opener) -> None:
+    """Read-ahead on a sequential reader: every byte right, no chunk fetched twice."""
+    v = make(local_wrapped, 40 * MIB, cache_bytes=64 * MIB, buffer_bytes=48 * MIB)
+    data = random.Random(12).randbytes(40 * MIB)
+    v.write(0, data)
+    v.discard(20 * MIB, MIB)  # a zero chunk in the middle: never fetched
+    v.flush()
+    assert v.drain(60)
+    v.evict_all()
+    gets = local_wrapped.calls.get("get_object", 0)
+    got = b"".join(v.read(off, 256 * 1024) for off in range(0, v.size, 256 * 1024))
+    assert got == data[:20 * MIB] + bytes(MIB) + data[21 * MIB:]
+    assert local_wrapped.calls["get_object"] - gets == 39
