@@ -504,3 +504,74 @@ def test_sequential_cold_read_fetches_each_chunk_once(local_wrapped: WrappedStor
     got = b"".join(v.read(off, 256 * 1024) for off in range(0, v.size, 256 * 1024))
     assert got == data[:20 * MIB] + bytes(MIB) + data[21 * MIB:]
     assert local_wrapped.calls["get_object"] - gets == 39
+
+
+def test_recovery_point_gives_up_after_its_timeout(local_wrapped: WrappedStore,
+                                                   make: Opener) -> None:
+    v = make(local_wrapped, 4 * MIB)
+    local_wrapped.down = True
+    v.write(0, b"\x0c" * MIB)
+    with pytest.raises(StoreUnavailable):
+        v.recovery_point(timeout=0.3)
+    v.write(0, b"\x0d" * MIB)  # no freeze left behind: writes go on as usual
+    local_wrapped.down = False
+    assert v.recovery_point()[0] == chunk_ref(b"\x0d" * MIB)
+
+
+def test_concurrent_writers_readers_evictions_and_recovery_points(local_wrapped: WrappedStore,
+                                                                   make: Opener) -> None:
+    """Four writers share every chunk (each owns every fourth 4 KiB block) while a reader,
+    evictions and recovery points run; then every block holds its owner's last write."""
+    size = 12 * MIB
+    v = make(local_wrapped, size, cache_bytes=2 * MIB, buffer_bytes=4 * MIB)
+    block = 4096
+    models = [dict[int, bytes]() for _ in range(4)]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def writer(t: int) -> None:
+        rnd = random.Random(100 + t)
+        try:
+            for _ in range(100):
+                b = rnd.randrange(0, size // block // 4) * 4 + t
+                data = rnd.randbytes(block)
+                v.write(b * block, data)
+                models[t][b] = data
+                if rnd.random() < 0.05:
+                    v.flush()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def churn() -> None:
+        rnd = random.Random(7)
+        try:
+            while not stop.is_set():
+                off = rnd.randrange(0, size - MIB)
+                assert len(v.read(off, MIB)) == MIB
+                v.evict_all()
+                refs = v.recovery_point()
+                assert len(refs) == size // MIB
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    side = threading.Thread(target=churn)
+    side.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    side.join(120)
+    assert not errors, errors
+    v.flush()
+    expected = bytearray(size)
+    for m in models:
+        for b, data in m.items():
+            expected[b * block:(b + 1) * block] = data
+    assert v.read(0, size) == bytes(expected)
+    assert v.drain(60)
+    v.evict_all()
+    assert v.read(0, size) == bytes(expected)
+    refs = v.recovery_point()
+    assert refs == [chunk_ref(expected[i * MIB:(i + 1) * MIB]) for i in range(size // MIB)]
