@@ -302,8 +302,11 @@ class VolumeService:
                                 "upload_buffer_bytes"))
         return self._create(args, "cached")
 
-    def _create(self, args: dict[str, Any], vtype: str, *,
-                manifest: Manifest | None = None) -> dict[str, Any]:
+    def _create(self, args: dict[str, Any], vtype: str, *, manifest: Manifest | None = None,
+                defer: bool = False) -> dict[str, Any]:
+        """Validate, write the CREATING row, then make the data and serve it; with ``defer``
+        only the row is written and :meth:`_materialize` runs later (a clone whose recovery
+        point is still uploading)."""
         name = validate_name(args["name"])
         sid = args.get("snapshot_id")
         if sid is not None and manifest is None:
@@ -355,6 +358,15 @@ class VolumeService:
                  str(self._path(name) if vtype == "stored" else self._cached_dir(name)),
                  created_at, created_at, manifest.snapshot_id if manifest else None,
                  cache, buffer])
+        if defer:
+            return self._info(self._row(name))
+        self._materialize(name, vtype, size, cache, buffer, manifest)
+        return self._info(self._row(name))
+
+    def _materialize(self, name: str, vtype: str, size: int, cache: int | None,
+                     buffer: int | None, manifest: Manifest | None) -> None:
+        """Make the data of a CREATING volume, serve it, set its first served status."""
+        target_iqn = self._iqn(name)
         try:
             self.volume_dir.mkdir(parents=True, exist_ok=True)
             if vtype == "stored":
@@ -377,10 +389,11 @@ class VolumeService:
             raise
         self._set_status(name, self._initial_status(self._row(name)))
         if vtype == "stored" and self.snapshots is not None:
-            # AWS gives stored volumes a daily snapshot schedule by default
-            hour = int(created_at[11:13]) if len(created_at) >= 13 and created_at[11:13].isdigit() else 0
+            # AWS gives stored volumes a daily snapshot schedule by default, here at the hour
+            # of creation (UTC)
+            now = self._now()
+            hour = int(now[11:13]) if len(now) >= 13 and now[11:13].isdigit() else 0
             self.snapshots.set_schedule(name, 24, hour, "")
-        return self._info(self._row(name))
 
     def _make_stored(self, name: str, size: int, manifest: Manifest | None) -> None:
         path = self._path(name)
@@ -432,10 +445,50 @@ class VolumeService:
         vtype = args.get("type") or row["type"]
         if vtype not in VOLUME_TYPES:
             raise InvalidRequest(f"invalid volume type {vtype!r}: use 'stored' or 'cached'")
-        validate_name(args["new_name"])
+        new = validate_name(args["new_name"])
+        if row["type"] == "cached":
+            return self._clone_cached(row, new, vtype)
         manifest = self._recovery_manifest(row)
-        return self._create({"name": args["new_name"], "size_bytes": row["size_bytes"],
+        return self._create({"name": new, "size_bytes": row["size_bytes"],
                              "snapshot_id": manifest.snapshot_id}, vtype, manifest=manifest)
+
+    def _clone_cached(self, row: dict[str, Any], new: str, vtype: str) -> dict[str, Any]:
+        """The recovery point of a cached volume uploads as a snapshot job (origin "clone");
+        the new volume stays CREATING until it completes, then is made from it. The event
+        loop never waits for the upload. A restart in between removes both (the recovery
+        point lives in memory)."""
+        assert self.snapshots is not None
+        if row["name"] not in self._live:
+            raise Conflict(f"volume {row['name']} is {row['status']}: it has no recovery point")
+        info = self._create({"name": new, "size_bytes": row["size_bytes"]}, vtype, defer=True)
+        try:
+            snap = self.snapshots.create_snapshot(
+                {"name": row["name"], "description": f"recovery point of {row['name']} for "
+                                                     f"clone {new}"},
+                origin="clone", then=lambda m: self._finish_clone(new, vtype, m))
+        except BaseException:
+            self._forget(new, info["target_iqn"])
+            raise
+        self.catalog.db.execute("update volumes set source_snapshot = ? where name = ?",
+                                [snap["snapshot_id"], new])
+        return self._info(self._row(new))
+
+    def _finish_clone(self, name: str, vtype: str, manifest: Manifest | None) -> None:
+        try:
+            row = self._row(name)
+        except NotFound:
+            return  # deleted while its recovery point uploaded
+        if row["status"] != VolumeStatus.CREATING:
+            return
+        if manifest is None:
+            log.error("clone %s: its recovery point failed; volume removed", name)
+            self._forget(name, row["target_iqn"])
+            return
+        try:
+            self._materialize(name, vtype, row["size_bytes"], row["cache_bytes"],
+                              row["upload_buffer_bytes"], manifest)
+        except Exception as exc:  # _materialize removed what it made
+            log.error("clone %s cannot be made: %s", name, exc)
 
     def list_recovery_points(self, args: dict[str, Any]) -> dict[str, Any]:
         """ListVolumeRecoveryPoints {} -> {recovery_points: [{name, type, recovery_point,
@@ -554,12 +607,7 @@ class VolumeService:
         name = row["name"]
         if self.snapshots is None:
             raise Conflict("clones need an object store")
-        if row["type"] == "cached":
-            live = self._live.get(name)
-            if live is None or live.cached is None:
-                raise Conflict(f"volume {name} is {row['status']}: it has no recovery point")
-            return self._cached_recovery_manifest(name, live)
-        snap = self.snapshots.latest_completed(name)
+        snap = self.snapshots.latest_completed(name)  # stored: its latest snapshot
         if snap is None:
             raise Conflict(f"volume {name} has no completed snapshot yet: take one with "
                            f"`vtl volume snapshot {name} --wait`, then clone")
@@ -697,26 +745,6 @@ class VolumeService:
             return {d.hex() for _, d in cmap.nonzero()}
         finally:
             cmap.close()
-
-    def _cached_recovery_manifest(self, name: str, live: _LiveVolume) -> Manifest:
-        """Freeze the cached volume now and record it as a snapshot (origin "clone")."""
-        from volumes.snapshots import manifest_from_refs, new_snapshot_id
-
-        assert live.cached is not None and self.snapshots is not None
-        now = self._now()
-        sid = new_snapshot_id()
-        with self.snapshots.gc_lock.shared():
-            refs = live.cached.recovery_point()
-            manifest = manifest_from_refs(self._need_chunks(), refs, snapshot_id=sid,
-                                          volume=name, size_bytes=live.cached.size,
-                                          created_at=now,
-                                          description=f"recovery point of {name}")
-        vq.add_snapshot(self.catalog.db, {
-            "snapshot_id": sid, "volume": name, "volume_type": "cached",
-            "size_bytes": live.cached.size, "description": f"recovery point of {name}",
-            "status": "COMPLETED", "progress": 100.0, "origin": "clone", "uploaded_chunks": 0,
-            "uploaded_bytes": 0, "created_at": now, "completed_at": now, "updated_at": now})
-        return manifest
 
     def _cached_recovery_time(self, live: _LiveVolume) -> str | None:
         """A cached volume can be cloned from "now" whenever it is served."""

@@ -179,6 +179,7 @@ class SnapshotManager:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vtl-snap")
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sources: dict[str, SnapshotSource] = {}
+        self._then: dict[str, Callable[[Manifest | None], None]] = {}
         self._stopping = threading.Event()
         self.gc_lock = chunks.lock
         self._sched: Any = None
@@ -281,6 +282,9 @@ class SnapshotManager:
         if source is not None:
             source.release()
         self._update(sid, status=ERROR, error=why[:500], state=None)
+        then = self._then.pop(sid, None)
+        if then is not None:
+            then(None)
 
     def _progress(self, sid: str) -> Callable[[int, int, int], None]:
         loop = asyncio.get_running_loop()
@@ -326,6 +330,9 @@ class SnapshotManager:
                                state=None, completed_at=self._now(), updated_at=self._now())
         self._sources.pop(sid, None)
         log.info("snapshot %s of %s completed", sid, row["volume"])
+        then = self._then.pop(sid, None)
+        if then is not None:
+            then(await self._io(self.chunks.get_manifest, sid))
 
     async def _job_abandon(self, sid: str) -> None:
         """A PENDING snapshot whose point in time is lost: remove every trace (absent)."""
@@ -373,7 +380,8 @@ class SnapshotManager:
         return source
 
     # --- operations ------------------------------------------------------------------------
-    def create_snapshot(self, args: dict[str, Any], *, origin: str = "manual") -> dict[str, Any]:
+    def create_snapshot(self, args: dict[str, Any], *, origin: str = "manual",
+                        then: Callable[[Manifest | None], None] | None = None) -> dict[str, Any]:
         """CreateSnapshot {name, description?} -> the snapshot (PENDING; poll DescribeSnapshots)."""
         _args(args, ("name",), ("description",))
         description = args.get("description") or ""
@@ -399,6 +407,8 @@ class SnapshotManager:
             source.release()
             raise
         self._sources[sid] = source
+        if then is not None:  # called on the loop with the manifest, or None if it failed
+            self._then[sid] = then
         self._spawn(sid, self._job_upload)
         return self._json(vq.get_snapshot(self.db, sid) or {})
 

@@ -230,6 +230,18 @@ def test_cached_snapshot_restores_into_stored(app: ApplianceProcess) -> None:
     with session(app, rest) as s:
         for i, chunk in data.items():
             assert read_mib(s, i) == chunk
+    # a clone of a cached volume: its recovery point now (with the overwrite), uploaded first
+    clone = cli_json(app, "volume", "clone", "cs", "--name", "cs-clone")
+    assert clone["status"] in ("CREATING", "BOOTSTRAPPING", "AVAILABLE"), clone
+    clone = wait_status(app, "cs-clone", "AVAILABLE")
+    assert clone["type"] == "cached" and clone["source_snapshot"]
+    origin = next(s for s in cli_json(app, "snapshot", "list")
+                  if s["snapshot_id"] == clone["source_snapshot"])
+    assert origin["origin"] == "clone" and origin["status"] == "COMPLETED"
+    with session(app, clone) as s:
+        assert read_mib(s, 0) == bytes(MiB)
+        for i in (5, 900):
+            assert read_mib(s, i) == data[i]
 
 
 def test_schedule_and_errors(app: ApplianceProcess) -> None:
