@@ -20,6 +20,11 @@ Invariants:
 - Collection never runs while a snapshot uploads or a cached volume uploads to its map
   (``ChunkStore.put`` skips chunks it sees present, so a concurrent collect could remove one
   it relied on): uploads hold a shared lock, collection an exclusive one.
+- Sources: a stored volume's :class:`TrackerSource` (SnapshotTracker: the point in time is
+  durable, so its job resumes after a restart) and a cached volume's :class:`CachedSource`
+  (``CachedBackend.recovery_point``, frozen when the job starts; it lives in memory, so a
+  restart abandons the snapshot: absent). A job may carry a ``then`` callback, run on the loop
+  with the manifest (or None on failure): CloneVolume of a cached volume uses it.
 - Schedules (one per volume, every 1/2/4/8/12/24 h from a start hour, UTC) live in the
   catalog's ``snapshot_schedules`` and are mirrored into an apscheduler AsyncIOScheduler at
   start; a stored volume gets a daily schedule when it is created.
