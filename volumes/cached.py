@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict, deque
@@ -113,12 +114,18 @@ class CachedBackend:
         self.source_snapshot = self._map.header.get("source_snapshot")
         try:
             self._journal, records = Journal.open(self.directory / JOURNAL_FILE)
-            self._cache = StoredBackend(self.directory / CACHE_FILE)
         except BaseException:
             self._map.close()
             raise
+        try:
+            self._cache = StoredBackend(self.directory / CACHE_FILE)
+        except BaseException:
+            self._map.close()
+            self._journal.close()
+            raise
         if self._cache.size != self._size:
             self._map.close()
+            self._journal.close()
             self._cache.close()
             raise MapCorrupt(f"cache file is {self._cache.size} bytes, volume {self._size}")
         self._lock = threading.Lock()
@@ -192,7 +199,11 @@ class CachedBackend:
         try:
             StoredBackend.create(directory / CACHE_FILE, size).close()
             Journal.create(directory / JOURNAL_FILE)
-            ChunkMap.create(directory / MAP_FILE, header, source.chunks if source else None)
+            # The map is the volume's commit point: written whole under a temporary name.
+            tmp = directory / (MAP_FILE + ".tmp")
+            tmp.unlink(missing_ok=True)
+            ChunkMap.create(tmp, header, source.chunks if source else None)
+            os.replace(tmp, directory / MAP_FILE)
             fsync_dir(directory)
         except BaseException:
             remove_cached_files(directory)
@@ -334,8 +345,13 @@ class CachedBackend:
                     if self._state[i] == ABSENT and i not in self._prefetching
                     and self._digest(i) != ZERO_DIGEST]
             self._prefetching.update(todo)
-        for i in todo:
-            self._readahead.submit(self._prefetch, i)
+        for n, i in enumerate(todo):
+            try:
+                self._readahead.submit(self._prefetch, i)
+            except RuntimeError:  # closing: the pool is shut down
+                with self._lock:
+                    self._prefetching.difference_update(todo[n:])
+                return
 
     def _prefetch(self, index: int) -> None:
         """Bring one chunk into the cache if it is still absent; a failure is only a miss."""
@@ -871,7 +887,8 @@ def remove_cached_files(directory: Path | str) -> None:
     if that leaves it empty."""
     directory = Path(directory)
     remove_volume_files(directory / CACHE_FILE)
-    for name in (MAP_FILE, JOURNAL_FILE, LRU_FILE, JOURNAL_FILE + ".tmp", LRU_FILE + ".tmp"):
+    for name in (MAP_FILE, JOURNAL_FILE, LRU_FILE, MAP_FILE + ".tmp", JOURNAL_FILE + ".tmp",
+                 LRU_FILE + ".tmp"):
         (directory / name).unlink(missing_ok=True)
     try:
         directory.rmdir()
