@@ -160,3 +160,38 @@ def test_kill9_during_cached_writes(tmp_path: Path) -> None:
         wait_status(app, "cw-r", "AVAILABLE")
     finally:
         assert app.stop() == 0, app.log_tail()
+
+
+def test_kill9_during_restore(tmp_path: Path) -> None:
+    """A volume restoring from a snapshot is killed mid-fill: after the restart it is still
+    served (RESTORING, then AVAILABLE) and holds the snapshot bit for bit, plus what was
+    written to it and flushed before the kill."""
+    rnd = random.Random(11)
+    app = ApplianceProcess(tmp_path / "data", extra_args=["--workers", "0"]).start()
+    try:
+        vol = create(app, "origin", "--size", "1GiB")
+        image = {i * 5: rnd.randbytes(MiB) for i in range(120)}
+        with session(app, vol) as s:
+            for i, chunk in image.items():
+                write_mib(s, i, chunk)
+            sync_cache(s)
+        snap = cli_json(app, "volume", "snapshot", "origin", "--wait")
+        rest = create(app, "copy", "--from-snapshot", snap["snapshot_id"])
+        mine = rnd.randbytes(MiB)
+        with session(app, rest) as s:
+            write_mib(s, 3, mine)  # a chunk of zeros in the snapshot, overwritten
+            sync_cache(s)
+        app.kill9()
+    finally:
+        if app.running:
+            app.kill()
+    app.restart()
+    try:
+        assert cli_json(app, "volume", "show", "copy")["status"] in ("RESTORING", "AVAILABLE")
+        with session(app, rest) as s:
+            assert read_mib(s, 3) == mine
+            for i, chunk in image.items():
+                assert read_mib(s, i) == chunk, f"MiB {i}"
+        wait_status(app, "copy", "AVAILABLE")
+    finally:
+        assert app.stop() == 0, app.log_tail()
