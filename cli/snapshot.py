@@ -6,6 +6,7 @@ and restored with ``vtl volume create NEW --from-snapshot ID``.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +81,37 @@ def delete(snapshot_id: str, data_dir: Path) -> None:
     freed = result.get("chunks_deleted")
     extra = f" ({freed} unshared chunk(s) freed)" if isinstance(freed, int) else ""
     click.echo(f"deleted snapshot {snapshot_id}{extra}")
+
+
+@snapshot.command("export")
+@click.argument("snapshot_id")
+@click.option("--region", default=None, help="AWS region of the EBS snapshot (default us-east-1).")
+@click.option("--endpoint-url", default=None, metavar="URL",
+              help="EBS endpoint (e.g. a test server); credentials: the standard AWS chain.")
+@click.option("--wait", is_flag=True, help="Wait until the export finishes, showing progress.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export as JSON.")
+@data_dir_option
+def export(snapshot_id: str, region: str | None, endpoint_url: str | None, wait: bool,
+           as_json: bool, data_dir: Path) -> None:
+    """Export a COMPLETED snapshot as an EBS snapshot (EBS direct APIs)."""
+    args: dict[str, Any] = {"snapshot_id": snapshot_id}
+    if region:
+        args["region"] = region
+    if endpoint_url:
+        args["endpoint_url"] = endpoint_url
+    state = call(data_dir, "ExportSnapshotToEBS", **args)
+    while wait and state["status"] == "EXPORTING":
+        click.echo(f"\r{snapshot_id} EXPORTING: {state['progress']:5.1f}%", nl=False, err=True)
+        time.sleep(0.5)
+        state = call(data_dir, "DescribeEBSExport", snapshot_id=snapshot_id)
+    if wait:
+        click.echo("", err=True)
+    if as_json:
+        emit_record(state, None, True)
+    elif state["status"] == "COMPLETED":
+        click.echo(f"snapshot {snapshot_id} exported as EBS snapshot {state['ebs_snapshot_id']} "
+                   f"({state['blocks']} blocks)")
+    else:
+        click.echo(f"snapshot {snapshot_id}: export {state['status']}")
+    if state["status"] == "ERROR":
+        raise click.ClickException(f"export of {snapshot_id} failed: {state.get('error')}")

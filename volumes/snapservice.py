@@ -185,6 +185,7 @@ class SnapshotManager:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._sources: dict[str, SnapshotSource] = {}
         self._then: dict[str, Callable[[Manifest | None], None]] = {}
+        self._exports: dict[str, dict[str, Any]] = {}  # in memory: an export is not resumable
         self._stopping = threading.Event()
         self.gc_lock = chunks.lock
         self._sched: Any = None
@@ -229,6 +230,8 @@ class SnapshotManager:
             "UpdateSnapshotSchedule": self.update_schedule,
             "DescribeSnapshotSchedule": self.describe_schedule,
             "DeleteSnapshotSchedule": self.delete_schedule,
+            "ExportSnapshotToEBS": self.export_to_ebs,
+            "DescribeEBSExport": self.describe_export,
         }
 
     def busy(self) -> bool:
@@ -465,6 +468,60 @@ class SnapshotManager:
     def latest_completed(self, volume: str) -> dict[str, Any] | None:
         rows = [r for r in vq.list_snapshots(self.db, volume=volume) if r["status"] == COMPLETED]
         return rows[-1] if rows else None
+
+    # --- EBS export ------------------------------------------------------------------------
+    def export_to_ebs(self, args: dict[str, Any]) -> dict[str, Any]:
+        """ExportSnapshotToEBS {snapshot_id, region?, endpoint_url?}: write a COMPLETED snapshot
+        as an EBS snapshot (EBS direct APIs) in the background; poll DescribeEBSExport."""
+        _args(args, ("snapshot_id",), ("region", "endpoint_url"))
+        row = self.get_row(args["snapshot_id"])
+        sid = row["snapshot_id"]
+        if row["status"] != COMPLETED:
+            raise Conflict(f"snapshot {sid} is {row['status']}: only COMPLETED snapshots export")
+        if self._exports.get(sid, {}).get("status") == "EXPORTING":
+            raise Conflict(f"snapshot {sid} is being exported already")
+        if self._loop is None:
+            raise Conflict("exports need the appliance's event loop")
+        from volumes.ebsexport import ebs_client, export_snapshot
+
+        try:
+            client = ebs_client(args.get("region"), args.get("endpoint_url"))
+        except Exception as exc:  # boto3 missing, bad endpoint URL...
+            raise InvalidRequest(f"cannot reach the EBS direct APIs: {exc}") from None
+        state: dict[str, Any] = {"snapshot_id": sid, "status": "EXPORTING", "progress": 0.0,
+                                 "ebs_snapshot_id": None, "blocks": None, "error": None}
+        self._exports[sid] = state
+
+        def progress(done: int, total: int) -> None:
+            state["progress"] = 100.0 * done / total if total else 100.0
+
+        async def run() -> None:
+            try:
+                manifest = await self._io(self.chunks.get_manifest, sid)
+                out = await self._io(lambda: export_snapshot(
+                    self.chunks, manifest, client, progress=progress,
+                    should_stop=self._stopping.is_set))
+                state.update(out, status="COMPLETED", progress=100.0)
+            except asyncio.CancelledError:
+                state.update(status="ERROR", error="the appliance stopped")
+                raise
+            except Exception as exc:
+                log.warning("EBS export of %s failed: %s", sid, exc)
+                state.update(status="ERROR", error=f"{type(exc).__name__}: {exc}"[:500])
+
+        self._loop.create_task(run(), name=f"vtl-ebs-export-{sid}")
+        return dict(state)
+
+    def describe_export(self, args: dict[str, Any]) -> dict[str, Any]:
+        """DescribeEBSExport {snapshot_id} -> {status EXPORTING|COMPLETED|ERROR, progress,
+        ebs_snapshot_id, blocks, error} of the last export since the appliance started."""
+        _args(args, ("snapshot_id",))
+        state = self._exports.get(args["snapshot_id"]) if isinstance(
+            args["snapshot_id"], str) else None
+        if state is None:
+            raise NotFound(f"no export of snapshot {args['snapshot_id']} since the appliance "
+                           "started: start one with `vtl snapshot export`")
+        return dict(state)
 
     # --- schedules -------------------------------------------------------------------------
     def _start_scheduler(self) -> None:

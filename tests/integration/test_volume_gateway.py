@@ -269,3 +269,39 @@ def test_schedule_and_errors(app: ApplianceProcess) -> None:
         assert result.output.startswith("Error: ") and result.output.count("\n") == 1, (
             args, result.output)
     assert app.running
+
+
+def test_export_snapshot_to_ebs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vtl snapshot export` writes a snapshot through the EBS direct APIs (moto_server)."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    from tests.cloud.conftest import MotoServer
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")  # the appliance's boto3 reads the standard chain
+    server = MotoServer()
+    server.start()
+    app = ApplianceProcess(tmp_path / "data", extra_args=["--workers", "0"]).start()
+    try:
+        rnd = random.Random(12)
+        vol = create(app, "ebs-src", "--size", "1GiB")
+        chunk = rnd.randbytes(MiB)
+        with session(app, vol) as s:
+            write_mib(s, 7, chunk)
+            sync_cache(s)
+        snap = snapshot(app, "ebs-src")
+        out = cli_json(app, "snapshot", "export", snap["snapshot_id"], "--endpoint-url",
+                       server.url, "--wait")
+        assert out["status"] == "COMPLETED" and out["blocks"] == 2, out
+        client = boto3.client("ebs", region_name="us-east-1", endpoint_url=server.url,
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        blocks = client.list_snapshot_blocks(SnapshotId=out["ebs_snapshot_id"])["Blocks"]
+        assert sorted(b["BlockIndex"] for b in blocks) == [14, 15]
+        got = b"".join(client.get_snapshot_block(
+            SnapshotId=out["ebs_snapshot_id"], BlockIndex=b["BlockIndex"],
+            BlockToken=b["BlockToken"])["BlockData"].read()
+            for b in sorted(blocks, key=lambda b: b["BlockIndex"]))
+        assert got == chunk
+    finally:
+        assert app.stop() == 0, app.log_tail()
+        server.stop()

@@ -57,7 +57,8 @@ def test_ops_with_a_store(catalog: Catalog, tmp_path: Path) -> None:
     svc = make(catalog, tmp_path)
     assert sorted(svc.ops()) == sorted([
         "CloneVolume", "CreateCachediSCSIVolume", "CreateSnapshot", "CreateStorediSCSIVolume",
-        "DeleteSnapshot", "DeleteSnapshotSchedule", "DeleteVolume", "DescribeSnapshotSchedule",
+        "DeleteSnapshot", "DeleteSnapshotSchedule", "DeleteVolume", "DescribeEBSExport",
+        "DescribeSnapshotSchedule", "ExportSnapshotToEBS",
         "DescribeSnapshots", "DescribeVolume", "ListSnapshots", "ListVolumeRecoveryPoints",
         "ListVolumes", "SetVolumeChap", "UpdateSnapshotSchedule"])
 
