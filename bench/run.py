@@ -45,6 +45,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (make bench: python bench/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import cached as cached_bench  # noqa: E402
 from bench.tgt import TgtPeer, TgtUnavailable, free_port  # noqa: E402
 from tests.support.libiscsi import (
     Command,
@@ -116,6 +117,9 @@ def _specs(size_mb: int) -> list[Spec]:
     for n in MULTI_DRIVES:
         specs.append(Spec(f"tape_multi_{n}", f"tape {n} drives write 1 MiB x {_multi_mb(size_mb)} "
                                              "MiB each (aggregate)", "MB/s", group="tape"))
+    for key, label, unit in cached_bench.ROWS:
+        size = f" x {size_mb} MiB" if unit == "MB/s" else f" x {QD_COUNT}"
+        specs.append(Spec(key, f"{label}{size} (vs tgt disk)", unit))
     specs.append(Spec("tape_lat_p50", "tape WRITE(6) 8 KiB QD1 median", "us", False, "tape"))
     specs.append(Spec("tape_lat_p99", "tape WRITE(6) 8 KiB QD1 p99", "us", False, "tape"))
     return specs
@@ -155,6 +159,10 @@ class Endpoints:
     disk_na: str = "not configured"
     tape_na: str = "not configured"
     alive: Callable[[], bool] = lambda: True
+    cached: dict[str, str] = field(default_factory=dict)  # cached volume name -> URL
+    cached_na: str = "not configured"
+    vtl: str | None = None
+    data_dir: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +286,40 @@ def _random_reads(s: Session, nblocks: int, bs: int, budget_s: float) -> Outcome
             return NA(f"READ failed: {report.first_failure.describe()}")
         done += n
     return Figure(done / (time.perf_counter() - t0), done < QD_COUNT)
+
+
+def _cached_figures(rig: DiskRig) -> dict[str, Outcome]:
+    """The cached-volume figures on the appliance; on tgt, the disk's random write (the
+    comparison figure the disk steps do not measure)."""
+    ep = rig.ep
+    if ep.name != "ours":
+        if rig.na or not ep.disk:
+            return {"disk_rand_write_qd16": rig.na or NA(ep.disk_na)}
+        try:
+            return {"disk_rand_write_qd16": cached_bench.random_writes(
+                ep.disk, BENCH_INITIATOR, rig.written_mib * (MiB // 512), QD_COUNT, QD_DEPTH,
+                rig.budget_s, Figure, NA)}
+        except _DISK_ERRORS as exc:
+            return {"disk_rand_write_qd16": NA(_short(exc))}
+    if not ep.cached or ep.vtl is None or ep.data_dir is None:
+        return dict.fromkeys(cached_bench.TGT_FIGURE, NA(ep.cached_na))
+    vtl, data_dir = ep.vtl, ep.data_dir
+
+    def factory(url: str) -> DiskRig:
+        return DiskRig(Endpoints("ours", disk=url), rig.size_mb, rig.budget_s)
+
+    def drained(name: str) -> None:
+        cached_bench.wait_drained(_run_cli, vtl, data_dir, name)
+
+    def write(url: str, mib: int) -> Outcome:
+        return cached_bench.random_writes(url, BENCH_INITIATOR, mib * (MiB // 512), QD_COUNT,
+                                          QD_DEPTH, rig.budget_s, Figure, NA)
+
+    try:
+        return cached_bench.measure_ours(factory, ep.cached, drained, write,
+                                         lambda m: print(f"bench: {m}", file=sys.stderr))
+    except (*_DISK_ERRORS, RuntimeError, subprocess.SubprocessError) as exc:
+        return dict.fromkeys(cached_bench.TGT_FIGURE, NA(_short(exc)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,6 +716,13 @@ def appliance_peer(size_mb: int, want_disk: bool, want_tape: bool, workdir: Path
                     ep.disk_na = "volume list shows no target_iqn"
             except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as exc:
                 ep.disk_na = _short(exc)
+            try:
+                made = cached_bench.create_volumes(_run_cli, vtl, str(data), size_mb)
+                ep.cached = {n: f"iscsi://{portal}/{iqn}/0" for n, iqn in made.items()}
+                ep.vtl, ep.data_dir = vtl, str(data)
+            except (RuntimeError, ValueError, KeyError, OSError,
+                    subprocess.SubprocessError) as exc:
+                ep.cached_na = _short(exc)
         if want_tape:
             try:
                 for count in (10, 2):  # at most 10 tapes per call
@@ -783,7 +832,8 @@ def plan(rigs: list[tuple[DiskRig | None, TapeRig | None]]) -> list[tuple[str, l
     if disks:
         steps += [("disk seq write", [d.seq_write for d in disks]),
                   ("disk seq read", [d.seq_read for d in disks]),
-                  ("disk random read", [d.random_read for d in disks])]
+                  ("disk random read", [d.random_read for d in disks]),
+                  ("cached volume", [functools.partial(_cached_figures, d) for d in disks])]
     if tapes:
         steps.append(("tape setup", [t.setup for t in tapes]))
         for bs in BLOCK_SIZES:
@@ -879,6 +929,9 @@ def main(argv: list[str] | None = None) -> int:
                 if tape is not None:
                     tape.teardown()
     elapsed = time.monotonic() - started
+    for key, tgt_key in cached_bench.TGT_FIGURE.items():  # cached rows compare with tgt's disk
+        if tgt_key in results["tgt"]:
+            results["tgt"][key] = results["tgt"][tgt_key]
     specs = [s for s in _specs(args.size_mb) if args.only is None or s.group == args.only]
     table = render(specs, results["ours"], results["tgt"])
     if args.only is None:

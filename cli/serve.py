@@ -73,16 +73,21 @@ class _Listen(click.ParamType):
 @click.option("--upload-rate-limit", "upload_rate", type=SIZE, default=None,
               help="Upload bandwidth limit to S3 in bytes per second, e.g. 100MiB "
                    "(default: unlimited).")
+@click.option("--volume-cache-size", "volume_cache_size", type=SIZE, default=None,
+              help="Default local cache of each cached volume, e.g. 150GiB.  [default: 1 GiB]")
+@click.option("--upload-buffer-size", "upload_buffer_size", type=SIZE, default=None,
+              help="Default upload buffer of each cached volume.  [default: 1 GiB]")
 def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str,
           changer_type: str | None, storage_slots: int, ie_slots: int, workers: int | None,
           store_url: str | None, s3_endpoint: str | None, clock_speed: float,
-          cache_size: int | None, s3_part_size: int | None,
-          upload_rate: int | None) -> None:
+          cache_size: int | None, s3_part_size: int | None, upload_rate: int | None,
+          volume_cache_size: int | None, upload_buffer_size: int | None) -> None:
     """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
     from vtl.engine.supervisor import (  # keeps other commands' start-up light
         Appliance,
         CloudOptions,
         LibraryOptions,
+        VolumeOptions,
     )
 
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(), format=LOG_FORMAT, force=True)
@@ -92,8 +97,10 @@ def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level
         cloud = CloudOptions(store_url=store_url, s3_endpoint=s3_endpoint,
                              clock_speed=clock_speed, cache_size=cache_size,
                              s3_part_size=s3_part_size, upload_rate=upload_rate)
+        volumes = VolumeOptions(cache_bytes=volume_cache_size,
+                                upload_buffer_bytes=upload_buffer_size)
         Appliance(data_dir, listen, authority=iqn_authority, library=library, cloud=cloud,
-                  workers=workers).run()
+                  workers=workers, volumes=volumes).run()
     except ApplianceError as exc:
         raise click.ClickException(exc.message) from None
     except OSError as exc:

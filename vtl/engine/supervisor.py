@@ -82,14 +82,24 @@ class CloudOptions:
     upload_rate: int | None = None  # upload bandwidth limit, bytes/s (S3 only)
 
 
+@dataclass(frozen=True, slots=True)
+class VolumeOptions:
+    """Defaults of cached volumes (``vtl serve --volume-cache-size/--upload-buffer-size``)."""
+
+    cache_bytes: int | None = None  # None: the volume service's default
+    upload_buffer_bytes: int | None = None
+
+
 class Appliance:
     """One appliance serving one data directory on one iSCSI portal."""
 
     def __init__(self, data_dir: Path, listen: tuple[str, int], *,
                  authority: str = vtl.DEFAULT_IQN_AUTHORITY,
                  library: LibraryOptions | None = None,
-                 cloud: CloudOptions | None = None, workers: int | None = None) -> None:
+                 cloud: CloudOptions | None = None, workers: int | None = None,
+                 volumes: VolumeOptions | None = None) -> None:
         self.library_options = library or LibraryOptions()
+        self.volume_options = volumes or VolumeOptions()
         self.cloud_options = cloud or CloudOptions()
         drives = self.library_options.layout().drives
         #: drive worker processes; 0 serves the drives in this process
@@ -238,19 +248,26 @@ class Appliance:
         return gateway_id
 
     def _start_services(self, catalog: Catalog) -> None:
-        self._add_service("volumes", VolumeService(catalog, self.data_dir, self.targets,
-                                                   self.authority))
+        from vtl.engine.cloudsetup import build_store
+
+        # one object store for the whole appliance: volume snapshots/cached volumes and tapes
+        built = build_store(catalog, self.data_dir, self.cloud_options)
+        vopts = self.volume_options
+        self._add_service("volumes", VolumeService(
+            catalog, self.data_dir, self.targets, self.authority, store=built[1],
+            cache_bytes=vopts.cache_bytes, upload_buffer_bytes=vopts.upload_buffer_bytes))
         opts = self.library_options
         library = Library(catalog, self.data_dir, self.targets, self.authority, self.gateway_id,
                           changer_type=opts.changer_type, layout=opts.layout(),
                           drive_host=self.pool)
         self._add_service("library", library)
-        self._add_service("cloud", self._cloud_service(catalog, library))
+        self._add_service("cloud", self._cloud_service(catalog, library, built))
 
-    def _cloud_service(self, catalog: Catalog, library: Library) -> Service:
+    def _cloud_service(self, catalog: Catalog, library: Library, built: Any = None) -> Service:
         from vtl.engine.cloudsetup import build_cloud_service
 
-        return build_cloud_service(catalog, self.data_dir, library, self.cloud_options)
+        return build_cloud_service(catalog, self.data_dir, library, self.cloud_options,
+                                   built=built)
 
     def _add_service(self, name: str, service: Service) -> None:
         service.start()
