@@ -10,13 +10,31 @@ Unknown program: PROG_UNAVAIL (the server answers that itself).
 
 ``handle`` is synchronous and runs in a worker thread (it may block on the cache or the
 object store); programs must be thread-safe.
+
+CODEC (pure, no I/O):
+- :class:`RecordReassembler` (``receive_data`` / ``next_record``) turns a TCP byte stream into
+  records (RFC 5531 11); a record over ``MAX_RECORD`` bytes or over ``MAX_FRAGMENTS`` fragments
+  raises :class:`RecordError` (drop the connection). ``frame`` / ``record_mark`` frame replies.
+- :func:`decode_call` parses a call header and the AUTH_NONE / AUTH_SYS credential; it raises
+  :class:`CallUnreadable` (no xid, or not a CALL: drop the connection) or :class:`CallRejected`
+  carrying the reply to send (RPC_MISMATCH, AUTH_BADCRED, AUTH_BADVERF, GARBAGE_ARGS).
+- ``success_header`` / ``encode_success`` / ``encode_accept_error`` / ``encode_rpc_error`` /
+  ``encode_rpc_mismatch`` / ``encode_auth_error`` build replies (verifier always AUTH_NONE);
+  ``encode_call`` / ``decode_reply`` are the client side, for tests and tools.
+
+Invariants: no decoder here raises anything but ``RecordError``, ``CallUnreadable``,
+``CallRejected`` or ``XdrError`` (``decode_reply``), whatever the bytes; a credential body is at
+most 400 bytes, an AUTH_SYS machine name at most 255 bytes and its gid list at most 16 entries.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass
 from typing import Protocol
+
+from fileshare.xdr import Packer, Unpacker, XdrError
 
 RPC_VERSION = 2
 MAX_RECORD = 4 * 1024 * 1024 + 64 * 1024
@@ -115,3 +133,314 @@ class RpcProgram(Protocol):
     def handle(self, call: RpcCall) -> bytes:
         """Run the procedure; return its XDR result body or raise RpcError/AuthError."""
         ...
+
+
+# --- Record marking (RFC 5531 11) ---------------------------------------------------------------
+
+MAX_FRAGMENTS = 1024
+"""Fragments one record may have; more (e.g. a storm of empty non-last fragments) drops the
+connection. Real clients send one fragment per record."""
+
+_LAST_FRAGMENT = 0x8000_0000
+_MARK = struct.Struct(">I")
+assert _MARK.size == 4
+
+
+class RecordError(Exception):
+    """The byte stream cannot be framed (oversized record, fragment storm): drop the connection."""
+
+
+class RecordReassembler:
+    """Sans-I/O record-marking decoder: ``receive_data(bytes)`` then ``next_record()`` until None.
+
+    Invariants: no more than ``max_record`` bytes of one record are ever buffered (the mark is
+    checked before its fragment is read); a record is returned only once its last fragment is
+    complete; after a :class:`RecordError` the reassembler stays broken (every call raises).
+    """
+
+    __slots__ = ("_buf", "_frags", "_record_len", "_nfrags", "_max", "_error")
+
+    def __init__(self, max_record: int = MAX_RECORD) -> None:
+        self._buf = bytearray()  # bytes received, not yet consumed
+        self._frags: list[bytes] = []  # complete fragments of the record under way
+        self._record_len = 0
+        self._nfrags = 0
+        self._max = max_record
+        self._error: RecordError | None = None
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self._error is not None:
+            raise self._error
+        self._buf += data
+        # Fail as soon as a mark announces too much, without waiting for the bytes.
+        self._check_mark()
+
+    def buffered(self) -> int:
+        """Bytes held (for tests of the memory bound)."""
+        return len(self._buf) + self._record_len
+
+    def _fail(self, message: str) -> RecordError:
+        self._error = RecordError(message)
+        self._buf.clear()
+        self._frags.clear()
+        return self._error
+
+    def _check_mark(self) -> tuple[int, bool] | None:
+        if len(self._buf) < 4:
+            return None
+        mark = _MARK.unpack_from(self._buf, 0)[0]
+        size, last = mark & ~_LAST_FRAGMENT, bool(mark & _LAST_FRAGMENT)
+        if self._record_len + size > self._max:
+            raise self._fail(f"record of more than {self._max} bytes")
+        if self._nfrags + 1 > MAX_FRAGMENTS:
+            raise self._fail(f"record of more than {MAX_FRAGMENTS} fragments")
+        return size, last
+
+    def next_record(self) -> bytes | None:
+        """The next complete record, or None until more bytes arrive."""
+        if self._error is not None:
+            raise self._error
+        while True:
+            head = self._check_mark()
+            if head is None:
+                return None
+            size, last = head
+            if len(self._buf) < 4 + size:
+                return None
+            frag = bytes(self._buf[4:4 + size])
+            del self._buf[:4 + size]
+            self._nfrags += 1
+            self._record_len += size
+            if not last:
+                self._frags.append(frag)
+                continue
+            if self._frags:
+                self._frags.append(frag)
+                frag = b"".join(self._frags)
+                self._frags.clear()
+            self._record_len = 0
+            self._nfrags = 0
+            return frag
+
+
+def record_mark(length: int, last: bool = True) -> bytes:
+    """The 4-byte mark of a fragment of ``length`` bytes."""
+    if not 0 <= length < _LAST_FRAGMENT:
+        raise ValueError(f"fragment length {length} out of range")
+    return _MARK.pack(length | (_LAST_FRAGMENT if last else 0))
+
+
+def frame(message: bytes | bytearray | memoryview) -> bytes:
+    """One record of one fragment (mark + message), for a message under 2 GiB."""
+    return record_mark(len(message)) + bytes(message)
+
+
+# --- Calls (RFC 5531 9, 8.2 and appendix A) ---------------------------------------------------------
+
+MAX_AUTH_BYTES = 400
+MAX_MACHINE_NAME = 255
+MAX_AUTH_GIDS = 16
+
+
+class CallRejected(Exception):
+    """A call whose header cannot be served; ``reply`` is the message to send (unframed)."""
+
+    def __init__(self, xid: int, reply: bytes, message: str) -> None:
+        super().__init__(message)
+        self.xid = xid
+        self.reply = reply
+
+
+class CallUnreadable(Exception):
+    """A record that is not a call we can answer (no xid, or a REPLY): drop the connection."""
+
+
+def _decode_auth_sys(body: bytes) -> AuthSys:
+    u = Unpacker(body)
+    stamp = u.uint()
+    machine = u.string(MAX_MACHINE_NAME)
+    uid = u.uint()
+    gid = u.uint()
+    gids = tuple(u.array(u.uint, MAX_AUTH_GIDS))
+    u.done()
+    return AuthSys(stamp, machine, uid, gid, gids)
+
+
+def encode_auth_sys(cred: AuthSys) -> bytes:
+    p = Packer()
+    p.uint(cred.stamp)
+    p.string(cred.machine)
+    p.uint(cred.uid)
+    p.uint(cred.gid)
+    p.array(list(cred.gids), p.uint)
+    return p.getvalue()
+
+
+def decode_call(record: bytes | bytearray | memoryview, client: tuple[str, int]) -> RpcCall:
+    """Decode a call record (RFC 5531 9). ``client`` is the peer (host, port).
+
+    Raises :class:`CallUnreadable` (drop the connection) when the xid cannot be read or the
+    message is not a CALL, and :class:`CallRejected` carrying the reply for everything else
+    wrong with the header: RPC version other than 2 (MSG_DENIED RPC_MISMATCH 2..2), a bad or
+    unsupported credential (AUTH_ERROR AUTH_BADCRED), a bad verifier (AUTH_BADVERF), a header
+    cut short (GARBAGE_ARGS). ``body`` is a memoryview of the arguments (no copy).
+    """
+    view = memoryview(record).cast("B") if not isinstance(record, bytes) else memoryview(record)
+    u = Unpacker(view)
+    try:
+        xid = u.uint()
+        mtype = u.uint()
+    except XdrError as exc:
+        raise CallUnreadable(f"record of {len(view)} bytes has no header") from exc
+    if mtype != MsgType.CALL:
+        raise CallUnreadable(f"message type {mtype} is not a CALL")
+    try:
+        rpcvers = u.uint()
+        if rpcvers != RPC_VERSION:
+            raise CallRejected(xid, encode_rpc_mismatch(xid, RPC_VERSION, RPC_VERSION),
+                               f"RPC version {rpcvers}")
+        prog = u.uint()
+        vers = u.uint()
+        proc = u.uint()
+        flavor = u.uint()
+        cred_body = u.opaque(MAX_AUTH_BYTES)
+        verf_flavor = u.uint()
+        verf_body = u.opaque(MAX_AUTH_BYTES)
+    except XdrError as exc:
+        raise CallRejected(xid, encode_accept_error(xid, AcceptStat.GARBAGE_ARGS),
+                           f"call header: {exc}") from exc
+    cred: AuthSys | None = None
+    if flavor == AuthFlavor.AUTH_SYS:
+        try:
+            cred = _decode_auth_sys(cred_body)
+        except XdrError as exc:
+            raise CallRejected(xid, encode_auth_error(xid, AuthStat.AUTH_BADCRED),
+                               f"AUTH_SYS credential: {exc}") from exc
+    elif flavor == AuthFlavor.AUTH_NONE:
+        if cred_body:
+            raise CallRejected(xid, encode_auth_error(xid, AuthStat.AUTH_BADCRED),
+                               "AUTH_NONE credential with a body")
+    else:
+        raise CallRejected(xid, encode_auth_error(xid, AuthStat.AUTH_BADCRED),
+                           f"credential flavor {flavor} not supported")
+    if verf_flavor != AuthFlavor.AUTH_NONE:
+        raise CallRejected(xid, encode_auth_error(xid, AuthStat.AUTH_BADVERF),
+                           f"verifier flavor {verf_flavor} not supported")
+    return RpcCall(xid=xid, prog=prog, vers=vers, proc=proc,
+                   flavor=AuthFlavor(flavor), cred=cred, body=view[u.pos:],
+                   client_host=client[0], client_port=client[1])
+
+
+def encode_call(xid: int, prog: int, vers: int, proc: int, body: bytes = b"",
+                cred: AuthSys | None = None) -> bytes:
+    """A CALL message (unframed): AUTH_SYS when ``cred`` is given, else AUTH_NONE."""
+    p = Packer()
+    p.uint(xid)
+    p.uint(MsgType.CALL)
+    p.uint(RPC_VERSION)
+    p.uint(prog)
+    p.uint(vers)
+    p.uint(proc)
+    if cred is None:
+        p.uint(AuthFlavor.AUTH_NONE)
+        p.opaque(b"")
+    else:
+        p.uint(AuthFlavor.AUTH_SYS)
+        p.opaque(encode_auth_sys(cred))
+    p.uint(AuthFlavor.AUTH_NONE)
+    p.opaque(b"")
+    return p.getvalue() + bytes(body)
+
+
+# --- Replies (RFC 5531 9) ------------------------------------------------------------------------
+
+_ACCEPTED_HEAD = struct.Struct(">IIIIII")  # xid, REPLY, MSG_ACCEPTED, verf AUTH_NONE, 0, stat
+assert _ACCEPTED_HEAD.size == 24
+
+
+def success_header(xid: int) -> bytes:
+    """The 24 bytes before a procedure's results: accepted, AUTH_NONE verifier, SUCCESS."""
+    return _ACCEPTED_HEAD.pack(xid, MsgType.REPLY, ReplyStat.MSG_ACCEPTED,
+                               AuthFlavor.AUTH_NONE, 0, AcceptStat.SUCCESS)
+
+
+def encode_success(xid: int, body: bytes | bytearray | memoryview) -> bytes:
+    return success_header(xid) + bytes(body)
+
+
+def encode_accept_error(xid: int, stat: AcceptStat, low: int = 0, high: int = 0) -> bytes:
+    """PROG_UNAVAIL, PROG_MISMATCH (with the supported ``low``..``high``), PROC_UNAVAIL,
+    GARBAGE_ARGS or SYSTEM_ERR."""
+    if stat == AcceptStat.SUCCESS:
+        raise ValueError("use encode_success for SUCCESS")
+    head = _ACCEPTED_HEAD.pack(xid, MsgType.REPLY, ReplyStat.MSG_ACCEPTED,
+                               AuthFlavor.AUTH_NONE, 0, stat)
+    if stat == AcceptStat.PROG_MISMATCH:
+        return head + struct.pack(">II", low, high)
+    return head
+
+
+def encode_rpc_error(xid: int, error: RpcError) -> bytes:
+    return encode_accept_error(xid, error.stat, error.low, error.high)
+
+
+def encode_rpc_mismatch(xid: int, low: int = RPC_VERSION, high: int = RPC_VERSION) -> bytes:
+    """MSG_DENIED / RPC_MISMATCH with the RPC versions we speak."""
+    return struct.pack(">IIIIII", xid, MsgType.REPLY, ReplyStat.MSG_DENIED,
+                       RejectStat.RPC_MISMATCH, low, high)
+
+
+def encode_auth_error(xid: int, stat: AuthStat) -> bytes:
+    """MSG_DENIED / AUTH_ERROR with ``stat``."""
+    return struct.pack(">IIIII", xid, MsgType.REPLY, ReplyStat.MSG_DENIED,
+                       RejectStat.AUTH_ERROR, stat)
+
+
+@dataclass(frozen=True, slots=True)
+class RpcReply:
+    """A decoded reply (for clients and tests). ``body`` is the procedure's results on SUCCESS."""
+
+    xid: int
+    reply_stat: ReplyStat
+    accept_stat: AcceptStat | None = None
+    reject_stat: RejectStat | None = None
+    auth_stat: AuthStat | None = None
+    low: int = 0
+    high: int = 0
+    body: bytes = b""
+
+
+def decode_reply(record: bytes | bytearray | memoryview) -> RpcReply:
+    """Decode a reply message; raises :class:`~fileshare.xdr.XdrError` on malformed bytes."""
+    u = Unpacker(record)
+    xid = u.uint()
+    if u.uint() != MsgType.REPLY:
+        raise XdrError("not a REPLY")
+    stat = u.uint()
+    try:
+        if stat == ReplyStat.MSG_ACCEPTED:
+            u.uint()
+            u.opaque(MAX_AUTH_BYTES)
+            accept = AcceptStat(u.uint())
+            if accept == AcceptStat.PROG_MISMATCH:
+                low, high = u.uint(), u.uint()
+                u.done()
+                return RpcReply(xid, ReplyStat.MSG_ACCEPTED, accept, low=low, high=high)
+            if accept == AcceptStat.SUCCESS:
+                return RpcReply(xid, ReplyStat.MSG_ACCEPTED, accept, body=u.rest())
+            u.done()
+            return RpcReply(xid, ReplyStat.MSG_ACCEPTED, accept)
+        if stat == ReplyStat.MSG_DENIED:
+            reject = RejectStat(u.uint())
+            if reject == RejectStat.RPC_MISMATCH:
+                low, high = u.uint(), u.uint()
+                u.done()
+                return RpcReply(xid, ReplyStat.MSG_DENIED, reject_stat=reject, low=low, high=high)
+            auth = AuthStat(u.uint())
+            u.done()
+            return RpcReply(xid, ReplyStat.MSG_DENIED, reject_stat=reject, auth_stat=auth)
+    except ValueError as exc:  # an enum value we do not know
+        if isinstance(exc, XdrError):
+            raise
+        raise XdrError(str(exc)) from exc
+    raise XdrError(f"reply_stat {stat}")
