@@ -1,0 +1,319 @@
+"""The asyncio edge of ONC RPC: TCP (record marking) and optional UDP listeners for programs.
+
+Each complete record is decoded here (``fileshare.rpc.decode_call``); calls to a known program
+and version run ``program.handle(call)`` in a thread pool shared by all connections, and the
+reply is framed and written when it is ready. Replies may leave out of order (RPC matches them
+by xid; NFS clients expect that).
+
+Invariants:
+- Memory per connection is bounded: at most ``max_inflight`` calls, and ``MAX_INFLIGHT_BYTES``
+  of call records, are running or queued per connection; past either, reading from that socket
+  pauses until replies go out. Reading also pauses while the transport's write buffer is above
+  its high-water mark (a client that does not read its replies stops being read).
+- A record over ``MAX_RECORD`` bytes, a fragment storm, or a record with no readable xid drops
+  that connection only; a malformed header gets the RPC reply ``decode_call`` prepared.
+- An exception escaping a program is logged and answered SYSTEM_ERR; nothing a client sends
+  reaches the event loop as an exception.
+- ``stop()`` closes the listeners and connections, drops queued calls and waits for running
+  ones, so the programs' resources can be closed after it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import socket
+from collections.abc import Sequence
+
+from fileshare.rpc import (
+    AcceptStat, AuthError, CallRejected, CallUnreadable, RecordError, RecordReassembler,
+    RpcCall, RpcError, RpcProgram, decode_call, encode_accept_error, encode_auth_error,
+    encode_rpc_error, record_mark, success_header,
+)
+
+log = logging.getLogger("vtl.fileshare.rpc")
+
+MAX_INFLIGHT = 32
+"""Calls per connection running or queued at once (the Linux client sends up to its slot
+table, 65,536 with TCP; it waits when we stop reading)."""
+MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
+"""Call bytes per connection held at once (at least one call is always admitted)."""
+WRITE_HIGH_WATER = 8 * 1024 * 1024
+WRITE_LOW_WATER = 2 * 1024 * 1024
+MAX_UDP_DATAGRAM = 65535
+
+
+def _host(addr: tuple[object, ...] | None) -> tuple[str, int]:
+    """(host, port) of a peer; an IPv4-mapped IPv6 address is given as plain IPv4."""
+    if not addr:
+        return ("", 0)
+    host = str(addr[0])
+    if host.startswith("::ffff:") and "." in host:
+        host = host[7:]
+    return host, int(addr[1])  # type: ignore[call-overload]
+
+
+class RpcServer:
+    """Serve ``programs`` on ``host:port`` over TCP (and UDP when ``udp`` is true).
+
+    ``port`` 0 picks a free port; after :meth:`start`, :attr:`port` holds the real one (TCP and
+    UDP share it).
+    """
+
+    def __init__(self, programs: Sequence[RpcProgram], host: str, port: int, *,
+                 max_workers: int = 16, udp: bool = False,
+                 max_inflight: int = MAX_INFLIGHT) -> None:
+        by_prog: dict[int, RpcProgram] = {}
+        for program in programs:
+            if program.prog in by_prog:
+                raise ValueError(f"RPC program {program.prog} given twice")
+            by_prog[program.prog] = program
+        self.programs = by_prog
+        self.host = host
+        self.port = port
+        self.udp = udp
+        self.max_workers = max_workers
+        self.max_inflight = max(1, max_inflight)
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._udp_transport: asyncio.DatagramTransport | None = None
+        self._conns: set[_RpcStream] = set()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.max_workers, thread_name_prefix="rpc")
+        self._server = await loop.create_server(
+            lambda: _RpcStream(self), self.host, self.port, reuse_address=True)
+        self.port = self._server.sockets[0].getsockname()[1]
+        if self.udp:
+            family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+            self._udp_transport, _ = await loop.create_datagram_endpoint(
+                lambda: _RpcDatagram(self), local_addr=(self.host, self.port), family=family)
+        log.info("RPC programs %s on %s port %d%s", sorted(self.programs), self.host,
+                 self.port, " (TCP and UDP)" if self.udp else "")
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._udp_transport is not None:
+            self._udp_transport.close()
+            self._udp_transport = None
+        for conn in list(self._conns):
+            conn.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            # Queued calls are dropped; running ones finish before stop() returns.
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+    # --- calls -------------------------------------------------------------------------------
+    def submit(self, call: RpcCall) -> asyncio.Future[list[bytes]] | list[bytes]:
+        """The reply (list of buffers, unframed) now when no program code must run, or a future."""
+        program = self.programs.get(call.prog)
+        if program is None:
+            return [encode_accept_error(call.xid, AcceptStat.PROG_UNAVAIL)]
+        if call.vers not in program.versions:
+            return [encode_accept_error(call.xid, AcceptStat.PROG_MISMATCH,
+                                        min(program.versions), max(program.versions))]
+        if self._pool is None:
+            return [encode_accept_error(call.xid, AcceptStat.SYSTEM_ERR)]
+        return asyncio.get_running_loop().run_in_executor(self._pool, _run, program, call)
+
+
+def _run(program: RpcProgram, call: RpcCall) -> list[bytes]:
+    """Run one procedure in a worker thread; every outcome becomes a reply."""
+    try:
+        body = program.handle(call)
+    except RpcError as exc:
+        return [encode_rpc_error(call.xid, exc)]
+    except AuthError as exc:
+        return [encode_auth_error(call.xid, exc.stat)]
+    except Exception:
+        log.exception("RPC program %d v%d procedure %d failed (xid %#x from %s)",
+                      call.prog, call.vers, call.proc, call.xid, call.client_host)
+        return [encode_accept_error(call.xid, AcceptStat.SYSTEM_ERR)]
+    return [success_header(call.xid), body]
+
+
+class _RpcStream(asyncio.Protocol):
+    """One TCP connection: reassemble records, admit calls under the caps, write replies."""
+
+    def __init__(self, server: RpcServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ("", 0)
+        self.records = RecordReassembler()
+        self.inflight = 0
+        self.inflight_bytes = 0
+        self.pending: list[bytes] = []  # a complete record waiting for room (at most one)
+        self.write_paused = False
+        self.read_paused = False
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = _host(transport.get_extra_info("peername"))
+        self.server._conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pending.clear()
+        self.server._conns.discard(self)
+
+    def abort(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.records.receive_data(data)
+        except RecordError as exc:
+            log.warning("RPC connection from %s dropped: %s", self.peer[0], exc)
+            self.abort()
+            return
+        self._admit()
+
+    def _admit(self) -> None:
+        """Start pending calls while under the caps; pause reading when over them."""
+        server = self.server
+        while not self.closed:
+            if not self.pending:
+                try:
+                    record = self.records.next_record()
+                except RecordError as exc:
+                    log.warning("RPC connection from %s dropped: %s", self.peer[0], exc)
+                    self.abort()
+                    return
+                if record is None:
+                    break
+                self.pending.append(record)
+            record = self.pending[0]
+            if self.inflight and (self.inflight >= server.max_inflight
+                                  or self.inflight_bytes + len(record) > MAX_INFLIGHT_BYTES):
+                break
+            self.pending.pop(0)
+            self._start(record)
+        self._update_reading()
+
+    def _start(self, record: bytes) -> None:
+        try:
+            call = decode_call(record, self.peer)
+        except CallRejected as exc:
+            log.debug("RPC call from %s rejected: %s", self.peer[0], exc)
+            self._send([exc.reply])
+            return
+        except CallUnreadable as exc:
+            log.warning("RPC connection from %s dropped: %s", self.peer[0], exc)
+            self.abort()
+            return
+        outcome = self.server.submit(call)
+        if isinstance(outcome, list):
+            self._send(outcome)
+            return
+        size = len(record)
+        self.inflight += 1
+        self.inflight_bytes += size
+        outcome.add_done_callback(lambda fut: self._finished(fut, size))
+
+    def _finished(self, fut: asyncio.Future[list[bytes]], size: int) -> None:
+        self.inflight -= 1
+        self.inflight_bytes -= size
+        if fut.cancelled() or self.closed:
+            return
+        exc = fut.exception()
+        if exc is not None:  # _run catches everything; a pool shutting down lands here
+            log.debug("RPC call from %s not run: %r", self.peer[0], exc)
+            return
+        self._send(fut.result())
+        self._admit()
+
+    def _send(self, parts: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or self.closed or transport.is_closing():
+            return
+        size = sum(len(p) for p in parts)
+        # Separate writes rather than writelines: with an empty buffer each goes straight to
+        # the socket, so a 1 MiB READ body is not joined into a new object first.
+        transport.write(record_mark(size) + parts[0])
+        for part in parts[1:]:
+            if part:
+                transport.write(part)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._admit()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        want_pause = self.write_paused or bool(self.pending) \
+            or self.inflight >= self.server.max_inflight \
+            or self.inflight_bytes >= MAX_INFLIGHT_BYTES
+        if want_pause and not self.read_paused:
+            self.read_paused = True
+            transport.pause_reading()
+        elif not want_pause and self.read_paused:
+            self.read_paused = False
+            transport.resume_reading()
+
+
+class _RpcDatagram(asyncio.DatagramProtocol):
+    """RPC over UDP (one message per datagram, no record marking): for the portmapper."""
+
+    def __init__(self, server: RpcServer) -> None:
+        self.server = server
+        self.transport: asyncio.DatagramTransport | None = None
+        self.inflight = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, ...]) -> None:
+        if self.inflight >= self.server.max_inflight:
+            return  # UDP clients retransmit; drop work past the cap
+        peer = _host(addr)
+        try:
+            call = decode_call(data, peer)
+        except CallRejected as exc:
+            self._reply([exc.reply], addr)
+            return
+        except CallUnreadable:
+            return  # nothing to answer
+        outcome = self.server.submit(call)
+        if isinstance(outcome, list):
+            self._reply(outcome, addr)
+            return
+        self.inflight += 1
+        outcome.add_done_callback(lambda fut: self._done(fut, addr))
+
+    def _done(self, fut: asyncio.Future[list[bytes]], addr: tuple[object, ...]) -> None:
+        self.inflight -= 1
+        if not fut.cancelled() and fut.exception() is None:
+            self._reply(fut.result(), addr)
+
+    def _reply(self, parts: list[bytes], addr: tuple[object, ...]) -> None:
+        message = b"".join(parts)
+        if self.transport is not None and not self.transport.is_closing() \
+                and len(message) <= MAX_UDP_DATAGRAM:
+            self.transport.sendto(message, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("RPC UDP error: %r", exc)
