@@ -235,3 +235,11 @@ def test_reply_round_trip(stat: AcceptStat) -> None:
     assert decode_reply(encode_success(9, b"abcd")).body == b"abcd"
     denied = decode_reply(encode_rpc_mismatch(9, 2, 2))
     assert (denied.reject_stat, denied.low, denied.high) == (RejectStat.RPC_MISMATCH, 2, 2)
+
+
+def test_codecs_stay_pure() -> None:
+    """xdr.py and rpc.py import no I/O, clock or thread library (STYLE.md layering)."""
+    from tests.test_layering import PURE_FORBIDDEN, ROOT, imports, offending
+
+    for module in ("fileshare/xdr.py", "fileshare/rpc.py"):
+        assert offending(imports(ROOT / module), PURE_FORBIDDEN) == [], module
