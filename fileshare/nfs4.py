@@ -268,6 +268,7 @@ class Nfs4Program:
         raise AuthError(AuthStat.AUTH_TOOWEAK)
 
     def compound(self, call: RpcCall) -> bytes:
+        cred = self._cred(call)
         u = Unpacker(call.body)
         try:
             tag = u.opaque(NFS4_OPAQUE_LIMIT)
@@ -279,7 +280,7 @@ class Nfs4Program:
             return _compound_reply(Stat.MINOR_VERS_MISMATCH, tag, [])
         if nops > MAX_COMPOUND_OPS or nops * 4 > u.remaining():
             raise RpcError(AcceptStat.GARBAGE_ARGS, message=f"{nops} operations")
-        ctx = _Ctx(call, self._cred(call), nops=nops)
+        ctx = _Ctx(call, cred, nops=nops)
         results: list[bytes] = []
         status = Stat.OK
         try:
