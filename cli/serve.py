@@ -68,15 +68,27 @@ class _Listen(click.ParamType):
               show_default=True, help="Run archive model time N times faster (demos, tests).")
 @click.option("--cache-size", type=SIZE, default=None,
               help="Local tape cache limit, e.g. 500GiB (default: unlimited).")
+@click.option("--nfs-port", type=click.IntRange(0, 65535), default=2049, show_default=True,
+              help="NFS port of the file shares (host from --listen; 0 picks a free one).")
+@click.option("--mount-port", type=click.IntRange(0, 65535), default=20048, show_default=True,
+              help="MOUNT protocol port of the file shares.")
+@click.option("--portmap-port", type=click.IntRange(0, 65535), default=111, show_default=True,
+              help="Portmapper port; one that cannot be bound is logged and skipped.")
+@click.option("--share-cache-size", type=SIZE, default=None,
+              help="Local cache limit of the file shares, e.g. 100GiB (default: unlimited).")
+@click.option("--share-settle", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds a committed file must stay untouched before it uploads.")
 def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str,
           changer_type: str | None, storage_slots: int, ie_slots: int, workers: int | None,
           store_url: str | None, s3_endpoint: str | None, clock_speed: float,
-          cache_size: int | None) -> None:
+          cache_size: int | None, nfs_port: int, mount_port: int, portmap_port: int,
+          share_cache_size: int | None, share_settle: float) -> None:
     """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
     from vtl.engine.supervisor import (  # keeps other commands' start-up light
         Appliance,
         CloudOptions,
         LibraryOptions,
+        ShareOptions,
     )
 
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(), format=LOG_FORMAT, force=True)
@@ -85,8 +97,11 @@ def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level
                                  ie_slots=ie_slots)
         cloud = CloudOptions(store_url=store_url, s3_endpoint=s3_endpoint,
                              clock_speed=clock_speed, cache_size=cache_size)
+        shares = ShareOptions(nfs_port=nfs_port, mount_port=mount_port,
+                              portmap_port=portmap_port, cache_size=share_cache_size,
+                              settle=share_settle)
         Appliance(data_dir, listen, authority=iqn_authority, library=library, cloud=cloud,
-                  workers=workers).run()
+                  workers=workers, shares=shares).run()
     except ApplianceError as exc:
         raise click.ClickException(exc.message) from None
     except OSError as exc:

@@ -80,14 +80,28 @@ class CloudOptions:
     cache_size: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ShareOptions:
+    """NFS file shares (``vtl serve --nfs-port/--mount-port/--portmap-port``); 0 = any free port,
+    ``portmap_port`` None = no portmapper. The host is the ``--listen`` host."""
+
+    nfs_port: int = 2049
+    mount_port: int = 20048
+    portmap_port: int | None = 111
+    cache_size: int | None = None
+    settle: float = 2.0
+
+
 class Appliance:
     """One appliance serving one data directory on one iSCSI portal."""
 
     def __init__(self, data_dir: Path, listen: tuple[str, int], *,
                  authority: str = vtl.DEFAULT_IQN_AUTHORITY,
                  library: LibraryOptions | None = None,
-                 cloud: CloudOptions | None = None, workers: int | None = None) -> None:
+                 cloud: CloudOptions | None = None, workers: int | None = None,
+                 shares: ShareOptions | None = None) -> None:
         self.library_options = library or LibraryOptions()
+        self.share_options = shares or ShareOptions()
         self.cloud_options = cloud or CloudOptions()
         drives = self.library_options.layout().drives
         #: drive worker processes; 0 serves the drives in this process
@@ -151,6 +165,10 @@ class Appliance:
         self.iscsi_port = self._iscsi.port
 
         self._start_services(self.catalog)
+        for name, service in self.services:  # services with network servers of their own
+            start_servers = getattr(service, "start_servers", None)
+            if start_servers is not None:
+                await start_servers()
         self.control.register("DescribeGatewayInformation", self._describe_gateway)
         self.control.register("ListTargets", self._list_targets)
         for name, service in self.services:
@@ -177,6 +195,13 @@ class Appliance:
             except Exception:
                 log.exception("stopping the iSCSI server failed")
             self._iscsi = None
+        for name, service in reversed(self.services):
+            stop_servers = getattr(service, "stop_servers", None)
+            if stop_servers is not None:
+                try:
+                    await stop_servers()
+                except Exception:
+                    log.exception("stopping the %s servers failed", name)
         for name, service in reversed(self.services):
             try:
                 service.close()
@@ -243,12 +268,24 @@ class Appliance:
                           changer_type=opts.changer_type, layout=opts.layout(),
                           drive_host=self.pool)
         self._add_service("library", library)
-        self._add_service("cloud", self._cloud_service(catalog, library))
+        cloud = self._cloud_service(catalog, library)
+        self._add_service("cloud", cloud)
+        self._add_service("shares", self._share_service(catalog, cloud))
 
     def _cloud_service(self, catalog: Catalog, library: Library) -> Service:
         from vtl.engine.cloudsetup import build_cloud_service
 
         return build_cloud_service(catalog, self.data_dir, library, self.cloud_options)
+
+    def _share_service(self, catalog: Catalog, cloud: Service) -> Service:
+        from fileshare.service import SharePorts, ShareService
+
+        opts = self.share_options
+        ports = SharePorts(host=self.listen[0], nfs=opts.nfs_port, mount=opts.mount_port,
+                           portmap=opts.portmap_port)
+        # the one object store the cloud tier built (vtl/engine/cloudsetup.py)
+        return ShareService(catalog, self.data_dir, getattr(cloud, "store"), ports=ports,
+                            cache_size=opts.cache_size, settle=opts.settle)
 
     def _add_service(self, name: str, service: Service) -> None:
         service.start()
@@ -271,6 +308,9 @@ class Appliance:
             "pid": os.getpid(),
             "workers": self.workers,
             "worker_pids": self.pool.pids() if self.pool is not None else [],
+            **{key: value for _, service in self.services
+               if callable(getattr(service, "describe", None))
+               for key, value in service.describe().items()},  # type: ignore[attr-defined]
         }
 
     def _list_targets(self, args: dict[str, Any]) -> list[dict[str, Any]]:
