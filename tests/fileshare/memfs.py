@@ -14,8 +14,9 @@ import itertools
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from fileshare.fs import (
     ACCESS_DELETE, ACCESS_EXECUTE, ACCESS_EXTEND, ACCESS_LOOKUP, ACCESS_MODIFY, ACCESS_READ,
@@ -401,13 +402,21 @@ class MemFs:
             return self._node(fh).durable
 
 
+def memfs_handle_share(fh: bytes) -> int | None:
+    """The share id a MemFs handle carries, None for bytes that are not one."""
+    if len(fh) != _FH.size or fh[:4] != _MAGIC:
+        return None
+    return int(_FH.unpack(fh)[1])
+
+
 class MemExports:
     """Shares by export path; handles carry the share id (as the real registry's do)."""
 
-    def __init__(self) -> None:
-        self._shares: list[tuple[str, MemFs, ExportOptions]] = []
+    def __init__(self, handle_share: Callable[[bytes], int | None] | None = None) -> None:
+        self._shares: list[tuple[str, Any, ExportOptions]] = []
+        self._handle_share = handle_share or memfs_handle_share
 
-    def add(self, path: str, fs: MemFs, opts: ExportOptions | None = None) -> MemFs:
+    def add(self, path: str, fs: Any, opts: ExportOptions | None = None) -> Any:
         self._shares.append((path, fs, opts or ExportOptions()))
         return fs
 
@@ -421,9 +430,9 @@ class MemExports:
         return None
 
     def by_handle(self, fh: bytes) -> tuple[MemFs, ExportOptions] | None:
-        if len(fh) != _FH.size or fh[:4] != _MAGIC:
+        share = self._handle_share(fh)
+        if share is None:
             return None
-        share = _FH.unpack(fh)[1]
         for _, fs, opts in self._shares:
             if fs.share_id == share:
                 return fs, opts

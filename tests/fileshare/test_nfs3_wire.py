@@ -36,12 +36,35 @@ class Served:
         return libnfs_url(self.port, self.port, export, path)
 
 
-@pytest.fixture
-def served() -> Iterator[Served]:
-    exports = MemExports()
-    exports.add("/share1", MemFs("share1", 1))
-    exports.add("/lan", MemFs("lan", 2), ExportOptions(clients=("10.0.0.0/8",)))
-    exports.add("/ro", MemFs("ro", 3), ExportOptions(read_only=True))
+def _objectfs_exports(tmp_path: Path) -> MemExports:
+    """The same three shares as ObjectFS over a LocalStore (uploads left to the service)."""
+    from fileshare.cache import FileCache
+    from fileshare.objectfs import HandleCodec, ObjectFS, ShareConfig, handle_share_id
+    from vtl.cloud.local import LocalStore
+
+    store = LocalStore(tmp_path / "store", durable=False)
+    cache = FileCache(tmp_path / "cache", None, durable=False)
+    codec = HandleCodec(b"k" * 32)
+    exports = MemExports(handle_share_id)
+    for path, share_id, opts, ro in (("/share1", 1, ExportOptions(), False),
+                                     ("/lan", 2, ExportOptions(clients=("10.0.0.0/8",)), False),
+                                     ("/ro", 3, ExportOptions(read_only=True), True)):
+        exports.add(path, ObjectFS(path[1:], share_id, store, path[1:] + "/",
+                                   tmp_path / f"{share_id}.db", cache, codec,
+                                   config=ShareConfig(read_only=ro), uploader=False,
+                                   durable=False), opts)
+    return exports
+
+
+@pytest.fixture(params=["memfs", "objectfs"])
+def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    if request.param == "objectfs":
+        exports = _objectfs_exports(tmp_path)
+    else:
+        exports = MemExports()
+        exports.add("/share1", MemFs("share1", 1))
+        exports.add("/lan", MemFs("lan", 2), ExportOptions(clients=("10.0.0.0/8",)))
+        exports.add("/ro", MemFs("ro", 3), ExportOptions(read_only=True))
     loop = asyncio.new_event_loop()
     server = RpcServer([NfsProgram(Nfs3Program(exports)), MountProgram(exports)],
                        "127.0.0.1", 0)
@@ -55,6 +78,9 @@ def served() -> Iterator[Served]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
         loop.close()
+        for _, fs, _ in exports.exports():
+            if hasattr(fs, "close"):
+                fs.close()
 
 
 def _sha(data: bytes) -> str:
