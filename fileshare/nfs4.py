@@ -123,6 +123,7 @@ PSEUDO_PREFIX = b"\x00vtl-nfs4-pseudo\x00"
 PSEUDO_FSID = (0xFFFFFFFF, 0xFFFFFFFF)
 DEFAULT_MAXIO = 1 << 20
 MAX_COMPOUND_OPS = 1024
+RPC_REPLY_HEADER = 24  # xid, REPLY, MSG_ACCEPTED, AUTH_NONE verifier, SUCCESS
 ACCESS4_ALL = (ACCESS_READ | ACCESS_LOOKUP | ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
                | ACCESS_EXECUTE)
 CACHE_SMALL_REPLY = 16 * 1024
@@ -283,6 +284,7 @@ class Nfs4Program:
         ctx = _Ctx(call, cred, nops=nops)
         results: list[bytes] = []
         status = Stat.OK
+        size = RPC_REPLY_HEADER + 12 + len(tag) + (-len(tag)) % 4
         try:
             for i in range(nops):
                 ctx.index = i
@@ -293,6 +295,11 @@ class Nfs4Program:
                 status, res, replay = self._one(ctx, opnum, u, i, nops)
                 if replay is not None:
                     return replay
+                size += len(res)
+                if ctx.session is not None:
+                    too_big = self._reply_limit(ctx, size)
+                    if too_big is not None:
+                        status, res = too_big, _resop(Op(opnum), too_big, _error_body(Op(opnum)))
                 results.append(res)
                 if status != Stat.OK:
                     break
@@ -307,6 +314,17 @@ class Nfs4Program:
             with self._lock:
                 self.state.finish_slot(ctx.slot, reply if keep else None)
         return reply
+
+    @staticmethod
+    def _reply_limit(ctx: _Ctx, size: int) -> Stat | None:
+        """REP_TOO_BIG / REP_TOO_BIG_TO_CACHE once the reply outgrows the session's limits."""
+        assert ctx.session is not None
+        fore = ctx.session.fore
+        if size > fore.maxresponsesize:
+            return Stat.REP_TOO_BIG
+        if ctx.cachethis and size > fore.maxresponsesize_cached:
+            return Stat.REP_TOO_BIG_TO_CACHE
+        return None
 
     def _one(self, ctx: _Ctx, opnum: int, u: Unpacker, i: int, nops: int
              ) -> tuple[Stat, bytes, bytes | None]:
@@ -384,7 +402,13 @@ class Nfs4Program:
         fs, opts = found
         if not self.exports.allowed(opts, ctx.call.client_host):
             raise Nfs4Error(Stat.ACCESS, "client not allowed by the share")
-        fs.getattr(handle)  # STALE / BADHANDLE now rather than later
+        try:
+            fs.getattr(handle)  # STALE / BADHANDLE now rather than later
+        except FsError as exc:
+            # a file removed while open keeps its handle for CLOSE (RFC 8881 18.20)
+            with self._lock:
+                if exc.errno != FsErrno.STALE or handle not in self.state.by_file:
+                    raise
         export = next((p for p, f, _ in self.exports.exports() if f is fs), "")
         return FhRef(handle, fs, opts, None, "/" + "/".join(x for x in export.split("/") if x))
 
@@ -519,17 +543,19 @@ class Nfs4Program:
         u.uint()  # cb_program
         u.array(lambda: _skip_cb_sec(u), max_items=16)
         with self._lock:
-            c, cached = self.state.create_session_check(clientid, seq, _principal(ctx.call))
+            c, cached = self.state.create_session_check(clientid, seq, _principal(ctx.call),
+                                                        self.clock())
             if cached is not None:
                 status, body = cached
                 if status != Stat.OK:
                     raise Nfs4Error(Stat(status))
                 return body
-            if fore.maxrequests == 0 or fore.maxoperations == 0 or fore.maxrequestsize < 256 \
-                    or fore.maxresponsesize < 256:
-                # a failed CREATE_SESSION still consumes the sequence id (RFC 8881 18.36.4)
-                self.state.create_session_done(c, Stat.TOOSMALL, b"")
-                raise Nfs4Error(Stat.TOOSMALL, "fore channel too small")
+            if flags & ~0x7:
+                raise Nfs4Error(Stat.INVAL, f"unknown CREATE_SESSION flags {flags:#x}")
+            if fore.maxrequests == 0 or fore.maxoperations == 0 or fore.maxrequestsize < 128 \
+                    or fore.maxresponsesize < 64 or back.maxrequestsize < 64 \
+                    or back.maxresponsesize < 64:
+                raise Nfs4Error(Stat.TOOSMALL, "channel too small for any request")
             cap = self.maxio + 64 * 1024
             fore = ChannelAttrs(0, min(fore.maxrequestsize, cap),
                                 min(fore.maxresponsesize, cap),
@@ -818,6 +844,9 @@ class Nfs4Program:
             raise Nfs4Error(Stat.BAD_STATEID, "no delegations are granted")
         client = ctx.client
         assert client is not None
+        if not client.reclaim_complete:
+            # RFC 8881 18.51.3: no new locking state before the client's RECLAIM_COMPLETE
+            raise Nfs4Error(Stat.GRACE, "RECLAIM_COMPLETE must come before OPEN")
         created = False
         attrset: frozenset[int] = frozenset()
         before = after = 0
@@ -887,7 +916,7 @@ class Nfs4Program:
         if not created:
             self._need(fref.fs, self._cred_for(ctx, fref), fref.handle, access)
         with self._lock:
-            st = self.state.open(client, owner, fref.handle, access, deny)
+            st = self.state.open(client, owner, fref.handle, access, deny, self.clock())
             sid = st.stateid()
         ctx.cur = fref
         ctx.cur_sid = sid

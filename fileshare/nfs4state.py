@@ -163,11 +163,15 @@ class StateTable:
             raise StateError(Stat.STALE_CLIENTID, f"client {clientid:#x} unknown")
         return c
 
-    def create_session_check(self, clientid: int, seq: int, principal: tuple[object, ...]
-                             ) -> tuple[Client, tuple[int, bytes] | None]:
+    def create_session_check(self, clientid: int, seq: int, principal: tuple[object, ...],
+                             now: float) -> tuple[Client, tuple[int, bytes] | None]:
         """(client, cached reply to replay or None for a new request)."""
         c = self.client(clientid)
-        if c.principal != principal:
+        if not c.confirmed and self._expired(c, now):
+            # an unconfirmed record not confirmed within a lease is gone (RFC 8881 18.35.4)
+            self._purge_client(c)
+            raise StateError(Stat.STALE_CLIENTID, "unconfirmed client record expired")
+        if not c.confirmed and c.principal != principal:
             raise StateError(Stat.CLID_INUSE, "CREATE_SESSION by another principal")
         if seq == c.cs_seq:
             return c, None
@@ -256,14 +260,20 @@ class StateTable:
             if not peers:
                 del self.by_file[st.fh]
 
-    def open(self, c: Client, owner: bytes, fh: bytes, access: int, deny: int) -> OpenState:
+    def open(self, c: Client, owner: bytes, fh: bytes, access: int, deny: int,
+             now: float) -> OpenState:
         peers = self.by_file.get(fh, [])
         mine = next((o for o in peers if o.client is c and o.owner == owner), None)
-        for o in peers:
+        for o in list(peers):
             if o is mine:
                 continue
             if o.deny & access or o.access & deny:
+                if o.client is not c and self._expired(o.client, now):
+                    # a courtesy client: its lease ran out, its state yields to a live one
+                    self._purge_client(o.client)
+                    continue
                 raise StateError(Stat.SHARE_DENIED)
+        peers = self.by_file.get(fh, [])
         if mine is not None:
             mine.access |= access
             mine.deny |= deny

@@ -338,7 +338,7 @@ class Client:
             p.raw(o)
         return Reply.decode(self.raw(p.getvalue()))
 
-    def connect(self, owner: bytes | None = None) -> Client:
+    def connect(self, owner: bytes | None = None, reclaim_complete: bool = True) -> Client:
         r = self.send([op_exchange_id(owner or os.urandom(8))])
         assert r.status == 0, r
         self.clientid = int(r[0]["clientid"])  # type: ignore[call-overload]
@@ -346,6 +346,8 @@ class Client:
         assert r.status == 0, r
         self.sessionid = r[0]["sessionid"]  # type: ignore[assignment]
         self.seq = 0
+        if reclaim_complete:
+            self.ok(_op(Op.RECLAIM_COMPLETE, lambda p: p.bool(False)))
         return self
 
     def __call__(self, *ops: bytes, slot: int = 0, retry: bool = False) -> Reply:
@@ -542,10 +544,22 @@ def test_restart_gives_badsession_and_stale_clientid(exports: MemExports, c: Cli
     assert r[2]["data"] == b"data"  # handles outlive the server's state
 
 
-def test_reclaim_complete(c: Client) -> None:
+def test_reclaim_complete_before_open(prog: Nfs4Program) -> None:
+    c = Client(prog).connect(reclaim_complete=False)
+    assert c(*HOME, op_open("f", create=0)).status == Stat.GRACE
+    assert c(*HOME, op_lookup("f")).status == Stat.NOENT  # nothing was created
     rc = _op(Op.RECLAIM_COMPLETE, lambda p: p.bool(False))
     assert c(rc).status == 0
     assert c(rc).status == Stat.COMPLETE_ALREADY
+    assert c(*HOME, op_open("f", create=0)).status == 0
+
+
+def test_reply_size_limits(prog: Nfs4Program, c: Client) -> None:
+    r = c.send([op_create_session(c.clientid, 2, maxreq=400)])
+    c.sessionid, c.seq = r[0]["sessionid"], 0  # type: ignore[assignment]
+    big = op_getattr(*(n for n in range(0, 76) if n not in (A.TIME_ACCESS_SET, A.TIME_MODIFY_SET)))
+    r = c(op_putrootfh(), big, big, big, big)
+    assert r.status == Stat.REP_TOO_BIG
 
 
 # ------------------------------------------------------------------------- tests: files
