@@ -35,9 +35,9 @@ def _mode(text: str | None, what: str) -> int | None:
     try:
         value = int(text, 8)
     except ValueError:
-        raise click.UsageError(f"{what} {text!r} is not an octal mode such as 0644") from None
+        raise click.ClickException(f"{what} {text!r} is not an octal mode such as 0644") from None
     if not 0 <= value <= 0o7777:
-        raise click.UsageError(f"{what} {text!r} is out of range 0000-7777")
+        raise click.ClickException(f"{what} {text!r} is out of range 0000-7777")
     return value
 
 
@@ -46,7 +46,7 @@ def _owner(text: str | None) -> tuple[int, int] | None:
         return None
     uid, sep, gid = text.partition(":")
     if not sep or not uid.isdigit() or not gid.isdigit():
-        raise click.UsageError(f"--owner {text!r} is not UID:GID (e.g. 1000:1000)")
+        raise click.ClickException(f"--owner {text!r} is not UID:GID (e.g. 1000:1000)")
     return int(uid), int(gid)
 
 
@@ -145,7 +145,7 @@ def update(name: str, clients: tuple[str, ...], squash: str | None, file_mode: s
     if read_only is not None:
         args["read_only"] = read_only
     if not args:
-        raise click.UsageError("nothing to change: give at least one option")
+        raise click.ClickException("nothing to change: give at least one option (see --help)")
     info = call(data_dir, "UpdateNFSFileShare", name=name, **args)
     if as_json:
         emit_record(info, None, True)
