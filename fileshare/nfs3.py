@@ -27,8 +27,11 @@ mismatch, unknown procedure, GARBAGE_ARGS) and :class:`~fileshare.rpc.AuthError`
 :class:`~fileshare.fs.FsError` becomes its nfsstat3 and any other exception from the file system
 is logged and answered NFS3ERR_SERVERFAULT with a well-formed failure body. Every mutation on a
 read-only share (export option or file system flag) is NFS3ERR_ROFS before the file system is
-asked. Failure bodies carry post-operation attributes when they can be read (pre-operation
-attributes only on success, where the file system gave them around the operation).
+asked. Failure bodies carry post-operation attributes when they can be read; pre-operation
+attributes appear only on success and are read just before the operation, not atomically with
+it (RFC 1813 2.6 leaves wcc_data best-effort; a client that sees a concurrent change in between
+simply revalidates its cache). A stable WRITE always answers FILE_SYNC (the file system is asked
+to commit if it did not sync).
 """
 
 from __future__ import annotations
@@ -273,8 +276,12 @@ class Nfs3Program:
         if a.offset + a.count > MAXFILESIZE:
             raise _Fail(Stat.FBIG)
         before = ctx.fs.getattr(a.fh)
-        count, synced, after = ctx.fs.write(ctx.cred, a.fh, a.offset, a.data,
-                                            stable=a.stable != StableHow.UNSTABLE)
+        stable = a.stable != StableHow.UNSTABLE
+        count, synced, after = ctx.fs.write(ctx.cred, a.fh, a.offset, a.data, stable=stable)
+        if stable and not synced:
+            # RFC 1813 3.3.7: committed is never less stable than asked for.
+            after = ctx.fs.commit(ctx.cred, a.fh)
+            synced = True
         p = _ok()
         pack_wcc_data(p, before, after)
         p.uint(count)

@@ -590,3 +590,17 @@ def test_unexpected_file_system_error_is_serverfault(
     monkeypatch.setattr(fs, "mkdir", lambda *a, **k: (_ for _ in ()).throw(
         FsError(FsErrno.JUKEBOX)))
     assert client.mkdir(root, "d")[0] == Stat.JUKEBOX
+
+
+def test_a_stable_write_the_file_system_left_unstable_is_committed(
+        client: Client, exports: MemExports, monkeypatch: pytest.MonkeyPatch) -> None:
+    fs = _fs(exports)
+    fh = client.create(_root(exports), "f")[1]["fh"]
+    real = fs.write
+    monkeypatch.setattr(fs, "write", lambda cred, h, off, data, stable: (
+        real(cred, h, off, data, False)[:1] + (False,) + real(cred, h, off, b"", False)[2:]))
+    stat, out = client.write(fh, 0, b"abc", StableHow.DATA_SYNC)
+    assert (stat, out["committed"]) == (Stat.OK, StableHow.FILE_SYNC)
+    assert fs.calls == ["commit"] and fs.durable_bytes(fh) == b"abc"
+    stat, out = client.write(fh, 3, b"def", StableHow.UNSTABLE)
+    assert (stat, out["committed"], fs.calls) == (Stat.OK, StableHow.UNSTABLE, ["commit"])
