@@ -10,6 +10,7 @@ writes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
@@ -223,3 +224,82 @@ def test_a_read_only_share_refuses_writes(gateway: Gateway, tmp_path: Path) -> N
         with pytest.raises(OSError):
             c.unlink("old.txt")
     assert gateway.keys("archive/") == ["archive/old.txt"]
+
+
+def test_clients_changed_live_refuse_the_next_nfs_call(gateway: Gateway) -> None:
+    """MOUNT let the client in; ``vtl share update --clients`` then shuts it out of NFS itself
+    (NFS3ERR_ACCES on the very next call), and letting it back in works as live."""
+    import nfs_rs
+
+    gateway.share("moving")
+    with gateway.client("/moving", uid=1000, gid=1000) as c:
+        c.mkdir("d")
+        result = gateway.app.cli("share", "update", "moving", "--clients", "10.9.0.0/16")
+        assert result.exit_code == 0, result.output
+        with pytest.raises(nfs_rs.NfsPermissionError):
+            c.listdir("")
+        with pytest.raises(nfs_rs.NfsPermissionError):
+            c.mkdir("e")
+        result = gateway.app.cli("share", "update", "moving", "--clients", "127.0.0.0/8")
+        assert result.exit_code == 0, result.output
+        assert c.listdir("") == ["d"]
+
+
+def test_bad_names_and_paths(gateway: Gateway) -> None:
+    """Names over 255 bytes and paths over 1,024 bytes are refused (NAMETOOLONG), not cut."""
+    gateway.share("names")
+    with gateway.client("/names", uid=1000, gid=1000) as c:
+        with pytest.raises(OSError) as err:
+            c.mkdir("n" * 256)
+        assert err.value.errno == errno.ENAMETOOLONG, err.value
+        c.mkdir("n" * 255)
+        deep = "/".join(f"{i}" * 250 for i in range(4))
+        c.mkdir(deep, parents=True)
+        with pytest.raises(OSError) as err:
+            c.touch(deep + "/" + "x" * 30)
+        assert err.value.errno == errno.ENAMETOOLONG, err.value
+        c.touch(deep + "/" + "x" * 10)
+        assert sorted(c.listdir("")) == ["0" * 250, "n" * 255]
+
+
+def test_raw_rpc_errors_from_the_appliance(gateway: Gateway) -> None:
+    """Bad input on the appliance's NFS port gets the RFC's answer and the port keeps serving."""
+    import socket
+
+    from fileshare.nfs3types import FhArgs, Proc, Stat
+    from fileshare.rpc import (
+        AcceptStat, AuthSys, AuthStat, RecordReassembler, decode_reply, encode_call, frame,
+    )
+    from fileshare.xdr import Packer, Unpacker
+
+    gateway.share("raw")
+    cred = AuthSys(0, "test", 1000, 1000, ())
+
+    def fh_body(fh: bytes) -> bytes:
+        p = Packer()
+        FhArgs(fh).encode(p)
+        return p.getvalue()
+
+    with socket.create_connection(("127.0.0.1", gateway.app.nfs_port), timeout=30) as s:
+        records = RecordReassembler()
+
+        def call(xid: int, proc: int, body: bytes, auth: AuthSys | None = cred,
+                 vers: int = 3) -> Any:
+            s.sendall(frame(encode_call(xid, 100003, vers, proc, body, auth)))
+            while (rec := records.next_record()) is None:
+                data = s.recv(65536)
+                assert data, "the appliance closed the connection"
+                records.receive_data(data)
+            reply = decode_reply(rec)
+            assert reply.xid == xid
+            return reply
+
+        assert call(1, Proc.NULL, b"", None).accept_stat == AcceptStat.SUCCESS
+        assert call(2, Proc.GETATTR, fh_body(b"x" * 20), None).auth_stat == AuthStat.AUTH_TOOWEAK
+        reply = call(3, Proc.GETATTR, fh_body(b"x" * 20))
+        assert Unpacker(reply.body).uint() == Stat.BADHANDLE
+        assert call(4, Proc.GETATTR, b"\0\0\0\x50").accept_stat == AcceptStat.GARBAGE_ARGS
+        assert call(5, 99, b"").accept_stat == AcceptStat.PROC_UNAVAIL
+        reply = call(6, 0, b"", vers=2)
+        assert reply.accept_stat == AcceptStat.PROG_MISMATCH and reply.low == 3
+        assert call(7, Proc.NULL, b"").accept_stat == AcceptStat.SUCCESS
