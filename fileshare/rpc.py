@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -151,76 +152,157 @@ class RecordError(Exception):
 
 
 class RecordReassembler:
-    """Sans-I/O record-marking decoder: ``receive_data(bytes)`` then ``next_record()`` until None.
+    """Sans-I/O record-marking decoder (RFC 5531 11).
 
-    Invariants: no more than ``max_record`` bytes of one record are ever buffered (the mark is
-    checked before its fragment is read); a record is returned only once its last fragment is
-    complete; after a :class:`RecordError` the reassembler stays broken (every call raises).
+    Two ways to feed it: ``receive_data(bytes)``, or, for a zero-copy receive path,
+    ``get_buffer()`` (where the next bytes should land, e.g. for ``socket.recv_into``) then
+    ``buffer_updated(nbytes)``. Then ``next_record()`` until it returns None.
+
+    Small fragments are gathered in a fixed scratch buffer and copied out; a fragment that does
+    not fit there gets a buffer of its exact size, which the caller receives into directly and
+    which becomes the record (a 1 MiB WRITE is copied once, by the kernel).
+
+    Invariants: the mark is checked before its fragment is read, so no more than
+    ``max_record`` bytes of one record (plus the scratch buffer) are ever held; a record is
+    returned only once its last fragment is complete; after a :class:`RecordError` the
+    reassembler stays broken (every call raises).
     """
 
-    __slots__ = ("_buf", "_frags", "_record_len", "_nfrags", "_max", "_error")
+    __slots__ = ("_scratch", "_start", "_end", "_big", "_big_filled", "_big_last", "_frags",
+                 "_record_len", "_nfrags", "_max", "_error", "_ready")
+
+    SCRATCH = 64 * 1024
 
     def __init__(self, max_record: int = MAX_RECORD) -> None:
-        self._buf = bytearray()  # bytes received, not yet consumed
-        self._frags: list[bytes] = []  # complete fragments of the record under way
+        self._scratch = bytearray(self.SCRATCH)
+        self._start = 0  # unconsumed bytes are _scratch[_start:_end]
+        self._end = 0
+        self._big: bytearray | None = None  # the large fragment being received in place
+        self._big_filled = 0
+        self._big_last = False
+        self._frags: list[bytes | bytearray] = []  # complete fragments of the record under way
         self._record_len = 0
         self._nfrags = 0
         self._max = max_record
         self._error: RecordError | None = None
+        self._ready: deque[bytes | bytearray] = deque()
+
+    # --- feeding -----------------------------------------------------------------------------
+    def get_buffer(self) -> memoryview:
+        """Writable space for the next received bytes (never empty)."""
+        if self._error is not None:
+            raise self._error
+        if self._big is not None:
+            return memoryview(self._big)[self._big_filled:]
+        if self._end == len(self._scratch):
+            self._compact()
+        return memoryview(self._scratch)[self._end:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer`."""
+        if self._error is not None:
+            raise self._error
+        if self._big is not None:
+            self._big_filled += nbytes
+        else:
+            self._end += nbytes
+        self._parse()
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if self._error is not None:
             raise self._error
-        self._buf += data
-        # Fail as soon as a mark announces too much, without waiting for the bytes.
-        self._check_mark()
+        view = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(view):
+            with self.get_buffer() as buf:
+                n = min(len(buf), len(view) - pos)
+                buf[:n] = view[pos:pos + n]
+            pos += n
+            self.buffer_updated(n)
 
     def buffered(self) -> int:
         """Bytes held (for tests of the memory bound)."""
-        return len(self._buf) + self._record_len
+        return (self._end - self._start + self._record_len + self._big_filled
+                + sum(len(r) for r in self._ready))
 
-    def _fail(self, message: str) -> RecordError:
-        self._error = RecordError(message)
-        self._buf.clear()
-        self._frags.clear()
-        return self._error
+    def pending(self) -> int:
+        """Complete records not yet taken with :meth:`next_record`."""
+        return len(self._ready)
 
-    def _check_mark(self) -> tuple[int, bool] | None:
-        if len(self._buf) < 4:
-            return None
-        mark = _MARK.unpack_from(self._buf, 0)[0]
-        size, last = mark & ~_LAST_FRAGMENT, bool(mark & _LAST_FRAGMENT)
-        if self._record_len + size > self._max:
-            raise self._fail(f"record of more than {self._max} bytes")
-        if self._nfrags + 1 > MAX_FRAGMENTS:
-            raise self._fail(f"record of more than {MAX_FRAGMENTS} fragments")
-        return size, last
-
-    def next_record(self) -> bytes | None:
+    def next_record(self) -> bytes | bytearray | None:
         """The next complete record, or None until more bytes arrive."""
         if self._error is not None:
             raise self._error
+        return self._ready.popleft() if self._ready else None
+
+    # --- parsing -----------------------------------------------------------------------------
+    def _fail(self, message: str) -> RecordError:
+        self._error = RecordError(message)
+        self._start = self._end = 0
+        self._big = None
+        self._frags.clear()
+        self._ready.clear()
+        return self._error
+
+    def _compact(self) -> None:
+        """Move the unconsumed bytes to the front of the scratch buffer (same-size assignment:
+        safe while views of the buffer exist)."""
+        n = self._end - self._start
+        if self._start:
+            self._scratch[0:n] = self._scratch[self._start:self._end]
+        self._start, self._end = 0, n
+
+    def _parse(self) -> None:
         while True:
-            head = self._check_mark()
-            if head is None:
-                return None
-            size, last = head
-            if len(self._buf) < 4 + size:
-                return None
-            frag = bytes(self._buf[4:4 + size])
-            del self._buf[:4 + size]
-            self._nfrags += 1
-            self._record_len += size
-            if not last:
-                self._frags.append(frag)
+            big = self._big
+            if big is not None:
+                if self._big_filled < len(big):
+                    return
+                self._big = None
+                self._big_filled = 0
+                self._fragment(big, self._big_last)
                 continue
-            if self._frags:
-                self._frags.append(frag)
-                frag = b"".join(self._frags)
-                self._frags.clear()
-            self._record_len = 0
-            self._nfrags = 0
-            return frag
+            avail = self._end - self._start
+            if avail < 4:
+                return
+            mark = _MARK.unpack_from(self._scratch, self._start)[0]
+            size, last = mark & ~_LAST_FRAGMENT, bool(mark & _LAST_FRAGMENT)
+            if self._record_len + size > self._max:
+                raise self._fail(f"record of more than {self._max} bytes")
+            if self._nfrags + 1 > MAX_FRAGMENTS:
+                raise self._fail(f"record of more than {MAX_FRAGMENTS} fragments")
+            body = self._start + 4
+            if avail - 4 >= size:
+                frag = bytes(memoryview(self._scratch)[body:body + size])
+                self._start = body + size
+                if self._start == self._end:
+                    self._start = self._end = 0
+                self._fragment(frag, last)
+                continue
+            if 4 + size <= len(self._scratch):
+                if body + size > len(self._scratch):
+                    self._compact()  # make room for the rest of this fragment
+                return
+            # Too big for the scratch buffer: receive the rest straight into its own buffer.
+            have = avail - 4
+            big = bytearray(size)
+            big[:have] = memoryview(self._scratch)[body:self._end]
+            self._big, self._big_filled, self._big_last = big, have, last
+            self._start = self._end = 0
+
+    def _fragment(self, frag: bytes | bytearray, last: bool) -> None:
+        self._nfrags += 1
+        if not last:
+            self._frags.append(frag)
+            self._record_len += len(frag)
+            return
+        if self._frags:
+            self._frags.append(frag)
+            frag = b"".join(self._frags)
+            self._frags.clear()
+        self._record_len = 0
+        self._nfrags = 0
+        self._ready.append(frag)
 
 
 def record_mark(length: int, last: bool = True) -> bytes:

@@ -243,3 +243,44 @@ def test_codecs_stay_pure() -> None:
 
     for module in ("fileshare/xdr.py", "fileshare/rpc.py"):
         assert offending(imports(ROOT / module), PURE_FORBIDDEN) == [], module
+
+
+def _feed_in_place(r: RecordReassembler, stream: bytes, sizes: list[int]) -> list[bytes]:
+    """Feed like a BufferedProtocol: recv_into(get_buffer()) of at most ``sizes[i]`` bytes."""
+    out, pos, i = [], 0, 0
+    while pos < len(stream):
+        buf = r.get_buffer()
+        assert len(buf) > 0
+        n = min(len(buf), sizes[i % len(sizes)], len(stream) - pos)
+        buf[:n] = stream[pos:pos + n]
+        buf.release()
+        r.buffer_updated(n)
+        pos += n
+        i += 1
+        while (rec := r.next_record()) is not None:
+            out.append(bytes(rec))
+    return out
+
+
+@pytest.mark.parametrize("sizes", [[1 << 30], [7, 65536, 3], [4096], [1, 2, 3, 100000]])
+def test_in_place_receive_of_big_and_small_records(sizes: list[int]) -> None:
+    big = bytes(range(256)) * 4096 + b"tail"  # 1 MiB + 4: larger than the scratch buffer
+    mid = b"m" * (RecordReassembler.SCRATCH - 4)  # exactly fills the scratch buffer
+    small = NULL_CALL_AUTH_SYS
+    stream = (frame(small) + frame(big) + frame(small) + frame(mid) + frame(small)
+              + record_mark(100, last=False) + big[:100] + frame(big[100:]))
+    r = RecordReassembler()
+    assert _feed_in_place(r, stream, sizes) == [small, big, small, mid, small, big]
+    assert r.buffered() == 0 and r.pending() == 0
+
+
+def test_big_record_is_received_in_its_own_buffer() -> None:
+    big = b"x" * (1 << 20)
+    r = RecordReassembler()
+    r.receive_data(frame(big)[:1000])
+    buf = r.get_buffer()
+    assert len(buf) == len(big) - 996  # the rest of the record, received in place
+    buf.release()
+    r.receive_data(frame(big)[1000:])
+    record = r.next_record()
+    assert isinstance(record, bytearray) and record == big

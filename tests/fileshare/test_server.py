@@ -269,3 +269,41 @@ def test_stop_with_open_connections_and_restart_on_the_same_port() -> None:
         r2.stop()
     with pytest.raises(ValueError):
         RpcServer([EchoProgram(), EchoProgram()], "127.0.0.1", 0)  # type: ignore[list-item]
+
+
+def test_client_that_does_not_read_replies_is_bounded(running: Running) -> None:
+    """A client sending calls but never reading replies: the server stops reading it once its
+    write buffer is full; memory held for it stays bounded; all replies arrive once it reads."""
+    from fileshare.server import MAX_INFLIGHT_BYTES, WRITE_HIGH_WATER
+
+    c = Client(running.server.port)
+    payload = struct.pack(">I", 60000) + b"p" * 60000
+    count = 600  # ~36 MiB of calls and as much of replies
+    sent = [0]
+
+    def sender() -> None:
+        try:
+            for xid in range(count):
+                c.send(encode_call(1000 + xid, ECHO, 1, 1, payload))
+                sent[0] += 1
+        except OSError:
+            pass
+
+    t = threading.Thread(target=sender, daemon=True)
+    t.start()
+    # Wait until the sender is stuck (the server stopped reading) or done.
+    last, still = -1, 0
+    while still < 5 and t.is_alive():
+        t.join(0.2)
+        still = still + 1 if sent[0] == last else 0
+        last = sent[0]
+    assert t.is_alive(), "everything was absorbed: the bound was not exercised"
+    (conn,) = list(running.server._conns)
+    assert conn.transport is not None
+    assert conn.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + 128 * 1024
+    assert conn.inflight_bytes <= MAX_INFLIGHT_BYTES + 128 * 1024
+    assert conn.records.buffered() <= 2 * 128 * 1024
+    got = sorted(c.recv().xid for _ in range(count))
+    assert got == list(range(1000, 1000 + count))
+    t.join(10)
+    c.close()
