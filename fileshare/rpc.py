@@ -131,8 +131,12 @@ class RpcProgram(Protocol):
     prog: int
     versions: tuple[int, ...]  # supported versions, for PROG_MISMATCH low/high
 
-    def handle(self, call: RpcCall) -> bytes:
-        """Run the procedure; return its XDR result body or raise RpcError/AuthError."""
+    def handle(self, call: RpcCall) -> bytes | list[bytes | bytearray | memoryview]:
+        """Run the procedure; return its XDR result body or raise RpcError/AuthError.
+
+        The body may also be a list of buffers sent one after the other (e.g. a READ's
+        header, its data as read, and its padding), which saves joining a large payload.
+        """
         ...
 
 

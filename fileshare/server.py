@@ -42,6 +42,7 @@ MAX_INFLIGHT_BYTES = 16 * 1024 * 1024
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
 MAX_UDP_DATAGRAM = 65535
+Parts = list[bytes | bytearray | memoryview]  # a reply message in pieces, unframed
 _JOIN_BELOW = 32 * 1024  # replies up to this size are sent as one buffer
 _DISCARD = bytearray(64 * 1024)  # where bytes of a connection being dropped go
 
@@ -114,7 +115,7 @@ class RpcServer:
             await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
 
     # --- calls -------------------------------------------------------------------------------
-    def submit(self, call: RpcCall) -> asyncio.Future[list[bytes]] | list[bytes]:
+    def submit(self, call: RpcCall) -> asyncio.Future[Parts] | Parts:
         """The reply (list of buffers, unframed) now when no program code must run, or a future."""
         program = self.programs.get(call.prog)
         if program is None:
@@ -127,7 +128,7 @@ class RpcServer:
         return asyncio.get_running_loop().run_in_executor(self._pool, _run, program, call)
 
 
-def _run(program: RpcProgram, call: RpcCall) -> list[bytes]:
+def _run(program: RpcProgram, call: RpcCall) -> Parts:
     """Run one procedure in a worker thread; every outcome becomes a reply."""
     try:
         body = program.handle(call)
@@ -139,6 +140,8 @@ def _run(program: RpcProgram, call: RpcCall) -> list[bytes]:
         log.exception("RPC program %d v%d procedure %d failed (xid %#x from %s)",
                       call.prog, call.vers, call.proc, call.xid, call.client_host)
         return [encode_accept_error(call.xid, AcceptStat.SYSTEM_ERR)]
+    if isinstance(body, list):
+        return [success_header(call.xid), *body]
     return [success_header(call.xid), body]
 
 
@@ -242,7 +245,7 @@ class _RpcStream(asyncio.BufferedProtocol):
         self.inflight_bytes += size
         outcome.add_done_callback(lambda fut: self._finished(fut, size))
 
-    def _finished(self, fut: asyncio.Future[list[bytes]], size: int) -> None:
+    def _finished(self, fut: asyncio.Future[Parts], size: int) -> None:
         self.inflight -= 1
         self.inflight_bytes -= size
         if fut.cancelled() or self.closed:
@@ -254,7 +257,7 @@ class _RpcStream(asyncio.BufferedProtocol):
         self._send(fut.result())
         self._admit()
 
-    def _send(self, parts: list[bytes]) -> None:
+    def _send(self, parts: Parts) -> None:
         transport = self.transport
         if transport is None or self.closed or transport.is_closing():
             return
@@ -321,12 +324,12 @@ class _RpcDatagram(asyncio.DatagramProtocol):
         self.inflight += 1
         outcome.add_done_callback(lambda fut: self._done(fut, addr))
 
-    def _done(self, fut: asyncio.Future[list[bytes]], addr: tuple[object, ...]) -> None:
+    def _done(self, fut: asyncio.Future[Parts], addr: tuple[object, ...]) -> None:
         self.inflight -= 1
         if not fut.cancelled() and fut.exception() is None:
             self._reply(fut.result(), addr)
 
-    def _reply(self, parts: list[bytes], addr: tuple[object, ...]) -> None:
+    def _reply(self, parts: Parts, addr: tuple[object, ...]) -> None:
         message = b"".join(parts)
         if self.transport is not None and not self.transport.is_closing() \
                 and len(message) <= MAX_UDP_DATAGRAM:

@@ -307,3 +307,27 @@ def test_client_that_does_not_read_replies_is_bounded(running: Running) -> None:
     assert got == list(range(1000, 1000 + count))
     t.join(10)
     c.close()
+
+
+class PiecesProgram:
+    """Answers with a list of buffers (the READ shape: header, data as is, padding)."""
+
+    prog = ECHO + 7
+    versions = (1,)
+
+    def handle(self, call: RpcCall) -> list[bytes | bytearray | memoryview]:
+        data = memoryview(bytearray(b"d" * (call.proc or 1)))
+        return [struct.pack(">I", len(data)), data, b"\0" * (-len(data) % 4)]
+
+
+@pytest.mark.parametrize("size", [1, 3, 40000, 1 << 20])
+def test_reply_in_pieces(size: int) -> None:
+    r = Running()
+    r.server.programs[PiecesProgram.prog] = PiecesProgram()  # type: ignore[assignment]
+    c = Client(r.server.port)
+    try:
+        reply = c.call(90, size, prog=PiecesProgram.prog)
+        assert reply.body == struct.pack(">I", size) + b"d" * size + b"\0" * (-size % 4)
+    finally:
+        c.close()
+        r.stop()
