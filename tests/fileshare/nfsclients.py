@@ -51,3 +51,41 @@ def nfs_rs_connect(nfs_port: int, mount_port: int, export: str, **kw: Any) -> An
     return nfs_rs.Client.connect(f"nfs://127.0.0.1{export}?version=3", nfs_port=nfs_port,
                                  mount_port=mount_port, connect_timeout=10,
                                  operation_timeout=60, **kw)
+
+
+class RawNfs:
+    """NFS v3 calls built by hand over one TCP connection (AUTH_SYS), for what no client exposes
+    (e.g. the write verifier)."""
+
+    def __init__(self, port: int, uid: int = 1000, gid: int = 1000,
+                 host: str = "127.0.0.1") -> None:
+        import socket
+
+        from fileshare.rpc import AuthSys, RecordReassembler
+
+        self.sock = socket.create_connection((host, port), timeout=60)
+        self.cred = AuthSys(0, "vtl-test", uid, gid, ())
+        self.records = RecordReassembler()
+        self.xid = 0
+
+    def call(self, proc: int, args: Any) -> tuple[int, Any]:
+        """Send ``args`` (an nfs3types argument object); return (nfsstat3, Unpacker of the rest)."""
+        from fileshare.rpc import AcceptStat, decode_reply, encode_call, frame
+        from fileshare.xdr import Packer, Unpacker
+
+        p = Packer()
+        args.encode(p)
+        self.xid += 1
+        self.sock.sendall(frame(encode_call(self.xid, 100003, 3, proc, p.getvalue(), self.cred)))
+        while (rec := self.records.next_record()) is None:
+            data = self.sock.recv(1 << 20)
+            if not data:
+                raise ConnectionError("server closed the connection")
+            self.records.receive_data(data)
+        reply = decode_reply(rec)
+        assert reply.xid == self.xid and reply.accept_stat == AcceptStat.SUCCESS, reply
+        u = Unpacker(reply.body)
+        return u.uint(), u
+
+    def close(self) -> None:
+        self.sock.close()

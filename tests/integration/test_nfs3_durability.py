@@ -4,7 +4,8 @@
 - kill -9 while a client writes: every byte the client had acknowledged as durable (``nfs-rs``
   returns from ``write_at`` only after COMMIT, or a FILE_SYNC reply) reads back after the
   restart; the file handle the client held still names the same file (handles survive
-  restarts). The settle time is long, so the data is only in the local cache when the appliance
+  restarts) and the write verifier is a new one, so a client holding UNSTABLE writes resends
+  them. The settle time is long, so the data is only in the local cache when the appliance
   dies: the cache itself must be durable.
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fileshare.nfsclients import libnfs_url, need_libnfs, nfs_rs_connect, run_tool
+from fileshare.nfs3types import Proc, ReadArgs, StableHow, Stat, WriteArgs, unpack_wcc_data
+from tests.fileshare.nfsclients import RawNfs, libnfs_url, need_libnfs, nfs_rs_connect, run_tool
 from tests.support.appliance import ApplianceProcess
 
 pytestmark = [pytest.mark.integration]
@@ -81,7 +83,20 @@ def test_kill_9_during_writes_loses_nothing_committed(tmp_path: Path) -> None:
                 f.write(b"".join(chunks[:4]))
             before = c.stat("sub/before.bin")
             sub_fh = next(e.fh for e in c.scandir("") if e.name == "sub")
-            assert sub_fh
+            file_fh = next(e.fh for e in c.scandir("sub") if e.name == "before.bin")
+            assert sub_fh and file_fh
+            # An UNSTABLE write that is never committed (of the bytes already there, so the
+            # content checks hold whether it survives or not): its verifier must change.
+            raw = RawNfs(app.nfs_port)
+            try:
+                stat, u = raw.call(Proc.WRITE, WriteArgs(file_fh, 0, 4, StableHow.UNSTABLE,
+                                                         chunks[0][:4]))
+                assert stat == Stat.OK
+                unpack_wcc_data(u)
+                assert (u.uint(), u.uint()) == (4, StableHow.UNSTABLE)
+                verf_before = u.fopaque(8)
+            finally:
+                raw.close()
 
             def killer() -> None:
                 while acked < 6:
@@ -119,6 +134,15 @@ def test_kill_9_during_writes_loses_nothing_committed(tmp_path: Path) -> None:
             assert [e.name for e in listed] == ["before.bin"]
             with c.open("sub/before.bin", "rb") as f:
                 assert f.read() == b"".join(chunks[:4])
+        raw = RawNfs(app.nfs_port)
+        try:
+            stat, u = raw.call(Proc.COMMIT, ReadArgs(file_fh, 0, 0))
+            assert stat == Stat.OK
+            unpack_wcc_data(u)
+            assert u.fopaque(8) != verf_before  # the client knows to resend uncommitted writes
+        finally:
+            raw.close()
+        with nfs_rs_connect(app.nfs_port, app.mount_port, "/crash", uid=1000, gid=1000) as c:
             info = c.stat("log.bin")
             assert info.size >= acked * chunk
             with c.open("log.bin", "rb") as f:
