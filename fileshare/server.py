@@ -140,9 +140,14 @@ def _run(program: RpcProgram, call: RpcCall) -> Parts:
         log.exception("RPC program %d v%d procedure %d failed (xid %#x from %s)",
                       call.prog, call.vers, call.proc, call.xid, call.client_host)
         return [encode_accept_error(call.xid, AcceptStat.SYSTEM_ERR)]
-    if isinstance(body, list):
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return [success_header(call.xid), body]
+    if isinstance(body, list) and all(isinstance(b, (bytes, bytearray, memoryview))
+                                      for b in body):
         return [success_header(call.xid), *body]
-    return [success_header(call.xid), body]
+    log.error("RPC program %d v%d procedure %d returned %s, not bytes", call.prog, call.vers,
+              call.proc, type(body).__name__)
+    return [encode_accept_error(call.xid, AcceptStat.SYSTEM_ERR)]
 
 
 class _RpcStream(asyncio.BufferedProtocol):

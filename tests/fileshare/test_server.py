@@ -52,6 +52,8 @@ class EchoProgram:
         if call.proc == 4:
             self.gate.wait(10)
             return b"gate"
+        if call.proc == 6:
+            return None  # type: ignore[return-value]  # a bug: not bytes
         if call.proc == 5:
             assert call.cred is not None
             host = call.client_host.encode()
@@ -182,6 +184,8 @@ def test_auth_error_from_program(client: Client) -> None:
 def test_exception_in_program_is_system_err(client: Client, caplog: pytest.LogCaptureFixture) -> None:
     assert client.call(15, 2).accept_stat == AcceptStat.SYSTEM_ERR
     assert "procedure 2 failed" in caplog.text
+    assert client.call(17, 6).accept_stat == AcceptStat.SYSTEM_ERR
+    assert "returned NoneType" in caplog.text
     assert client.call(16, 0).accept_stat == AcceptStat.SUCCESS
 
 
