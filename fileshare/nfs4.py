@@ -58,6 +58,7 @@ from fileshare.nfs4types import (
     CLAIM_FH,
     CLAIM_NULL,
     CLAIM_PREVIOUS,
+    CREATE_SESSION4_FLAG_CONN_BACK_CHAN,
     EXCHGID4_FLAG_CONFIRMED_R,
     EXCHGID4_FLAG_MASK_A,
     EXCHGID4_FLAG_UPD_CONFIRMED_REC_A,
@@ -93,6 +94,7 @@ from fileshare.nfs4types import (
     UNCHECKED4,
     UNSTABLE4,
     WND4_CANCELLED,
+    WND4_NOT_WANTED,
     WND4_NOT_SUPP_FTYPE,
     WRITE_ONLY,
     A,
@@ -123,6 +125,8 @@ PSEUDO_PREFIX = b"\x00vtl-nfs4-pseudo\x00"
 PSEUDO_FSID = (0xFFFFFFFF, 0xFFFFFFFF)
 DEFAULT_MAXIO = 1 << 20
 MAX_COMPOUND_OPS = 1024
+CDFC4_FORE, CDFC4_BACK, CDFC4_FORE_OR_BOTH, CDFC4_BACK_OR_BOTH = 1, 2, 3, 7
+CDFS4_FORE, CDFS4_BACK, CDFS4_BOTH = 1, 2, 3
 RPC_REPLY_HEADER = 24  # xid, REPLY, MSG_ACCEPTED, AUTH_NONE verifier, SUCCESS
 ACCESS4_ALL = (ACCESS_READ | ACCESS_LOOKUP | ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
                | ACCESS_EXECUTE)
@@ -247,6 +251,7 @@ class Nfs4Program:
             Op.FREE_STATEID: self._free_stateid, Op.SECINFO_NO_NAME: self._secinfo_no_name,
             Op.TEST_STATEID: self._test_stateid, Op.DESTROY_CLIENTID: self._destroy_clientid,
             Op.RECLAIM_COMPLETE: self._reclaim_complete,
+            Op.BIND_CONN_TO_SESSION: self._bind_conn_to_session,
         }
 
     # ------------------------------------------------------------------ RPC entry
@@ -565,7 +570,9 @@ class Nfs4Program:
             back = ChannelAttrs(0, back.maxrequestsize, back.maxresponsesize,
                                 back.maxresponsesize_cached, back.maxoperations,
                                 max(1, min(back.maxrequests, 1)))
-            flags = 0  # no persistence, no back channel, no RDMA
+            # no persistence, no RDMA; a back channel is accepted (and never used: this
+            # server grants no delegations or layouts, so it has nothing to call back about)
+            flags &= CREATE_SESSION4_FLAG_CONN_BACK_CHAN
             s = self.state.create_session(c, fore, back, flags, self.clock())
             p = Packer()
             p.fopaque(s.sessionid, NFS4_SESSIONID_SIZE)
@@ -613,6 +620,23 @@ class Nfs4Program:
                 raise Nfs4Error(Stat.BADSESSION, "DESTROY_SESSION of its own session not last")
             self.state.destroy_session(sessionid)
         return b""
+
+    def _bind_conn_to_session(self, ctx: _Ctx, u: Unpacker) -> bytes:
+        """RFC 8881 18.34: every connection serves every session here (no per-connection
+        binding is kept), so any binding succeeds; the back channel is never called on."""
+        sessionid = u.fopaque(NFS4_SESSIONID_SIZE)
+        direction = u.enum()
+        u.bool()  # use_conn_in_rdma_mode
+        with self._lock:
+            if sessionid not in self.state.sessions:
+                raise Nfs4Error(Stat.BADSESSION)
+        if direction not in (CDFC4_FORE, CDFC4_BACK, CDFC4_FORE_OR_BOTH, CDFC4_BACK_OR_BOTH):
+            raise Nfs4Error(Stat.INVAL, f"channel direction {direction}")
+        p = Packer()
+        p.fopaque(sessionid, NFS4_SESSIONID_SIZE)
+        p.enum({CDFC4_FORE: CDFS4_FORE, CDFC4_BACK: CDFS4_BACK}.get(direction, CDFS4_BOTH))
+        p.bool(False)
+        return p.getvalue()
 
     def _destroy_clientid(self, ctx: _Ctx, u: Unpacker) -> bytes:
         clientid = u.uhyper()
@@ -685,6 +709,10 @@ class Nfs4Program:
     def _lookup(self, ctx: _Ctx, u: Unpacker) -> bytes:
         name = u.string(NFS4_OPAQUE_LIMIT)
         ref = self._dir(ctx)
+        if name == ".":
+            # NFS v4 gives "." no meaning (Linux answers BADNAME); nfs-rs looks it up to list
+            # the export root, so it names the directory itself here, as in NFS v3
+            return b""
         ctx.cur = self._child(ctx, ref, check_name(name))
         return b""
 
@@ -925,9 +953,10 @@ class Nfs4Program:
         pack_change_info(p, before, after)
         p.uint(0)  # rflags
         bitmap_encode(p, sorted(attrset))
-        if want and want != OPEN4_SHARE_ACCESS_WANT_NO_DELEG:
+        if want:  # the client said what it wants: say why it gets no delegation
             p.enum(OPEN_DELEGATE_NONE_EXT)
-            p.enum(WND4_CANCELLED if want == OPEN4_SHARE_ACCESS_WANT_CANCEL
+            p.enum(WND4_NOT_WANTED if want == OPEN4_SHARE_ACCESS_WANT_NO_DELEG
+                   else WND4_CANCELLED if want == OPEN4_SHARE_ACCESS_WANT_CANCEL
                    else WND4_NOT_SUPP_FTYPE)
         else:
             p.enum(OPEN_DELEGATE_NONE)

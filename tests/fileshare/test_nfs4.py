@@ -689,6 +689,9 @@ def test_create_other_types_badtype_and_names(c: Client) -> None:
     assert c(*HOME, reg).status == Stat.BADTYPE
     assert c(*HOME, op_lookup("")).status == Stat.INVAL
     assert c(*HOME, op_lookup("..")).status == Stat.BADNAME
+    assert c(*HOME, op_open("..", create=0)).status == Stat.BADNAME
+    r = c.ok(*HOME, op_lookup("."), op_getfh(), *HOME, op_getfh())
+    assert r[4]["fh"] == r[7]["fh"]  # "." is the directory itself (nfs-rs lists roots so)
     assert c(*HOME, op_lookup("a/b")).status == Stat.BADCHAR
     assert c(*HOME, op_lookup("n" * 256)).status == Stat.NAMETOOLONG
     assert c(*HOME, op_lookup(b"\xff\xfe")).status == Stat.INVAL
