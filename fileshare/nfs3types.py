@@ -145,18 +145,27 @@ def unpack_time(u: Unpacker) -> tuple[int, int]:
     return u.uint(), u.uint()
 
 
+def _u32(value: int) -> int:
+    return min(max(int(value), 0), 0xFFFF_FFFF)
+
+
+def _u64(value: int) -> int:
+    return min(max(int(value), 0), 0xFFFF_FFFF_FFFF_FFFF)
+
+
 def pack_fattr3(p: Packer, a: Attr) -> None:
-    p.uint(int(a.type))
-    p.uint(a.mode & 0o7777)
-    p.uint(a.nlink)
-    p.uint(a.uid)
-    p.uint(a.gid)
-    p.uhyper(a.size)
-    p.uhyper(a.used)
+    """fattr3; every number is clamped to its XDR range, so no attribute can break a reply."""
+    p.uint(_u32(a.type))
+    p.uint(int(a.mode) & 0o7777)
+    p.uint(_u32(a.nlink))
+    p.uint(_u32(a.uid))
+    p.uint(_u32(a.gid))
+    p.uhyper(_u64(a.size))
+    p.uhyper(_u64(a.used))
     p.uint(0)  # rdev: specdata3, meaningless for files and directories
     p.uint(0)
-    p.uhyper(a.fsid)
-    p.uhyper(a.fileid)
+    p.uhyper(_u64(a.fsid))
+    p.uhyper(_u64(a.fileid))
     pack_time(p, a.atime_ns)
     pack_time(p, a.mtime_ns)
     pack_time(p, a.ctime_ns)
@@ -214,7 +223,7 @@ def pack_wcc_data(p: Packer, before: Attr | None, after: Attr | None) -> None:
         p.bool(False)
     else:
         p.bool(True)
-        p.uhyper(before.size)
+        p.uhyper(_u64(before.size))
         pack_time(p, before.mtime_ns)
         pack_time(p, before.ctime_ns)
     pack_post_op_attr(p, after)

@@ -604,3 +604,17 @@ def test_a_stable_write_the_file_system_left_unstable_is_committed(
     assert fs.calls == ["commit"] and fs.durable_bytes(fh) == b"abc"
     stat, out = client.write(fh, 3, b"def", StableHow.UNSTABLE)
     assert (stat, out["committed"], fs.calls) == (Stat.OK, StableHow.UNSTABLE, ["commit"])
+
+
+def test_attributes_out_of_xdr_range_are_clamped_not_fatal(
+        client: Client, exports: MemExports, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    fs = _fs(exports)
+    real = fs.getattr
+    monkeypatch.setattr(fs, "getattr", lambda fh: dataclasses.replace(
+        real(fh), uid=1 << 40, size=-5, mtime_ns=-1, ctime_ns=1 << 80))
+    stat, attr = client.getattr(_root(exports))
+    assert stat == Stat.OK and attr is not None
+    assert (attr.uid, attr.size, attr.mtime_ns) == (0xFFFF_FFFF, 0, 0)
+    assert attr.ctime_ns == 0xFFFF_FFFF * 10**9 + 10**9 - 1
