@@ -54,6 +54,33 @@ def test_arbitrary_stream(data: bytes, chunk: int) -> None:
         pass
 
 
+@given(st.binary(max_size=4096), st.lists(st.integers(1, 5000), min_size=1, max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_stream_received_in_place(data: bytes, sizes: list[int]) -> None:
+    # The zero-copy path (get_buffer / buffer_updated), records larger than the scratch buffer
+    # included: a 2 KiB scratch buffer and a 3 KiB record limit.
+    class Small(RecordReassembler):
+        SCRATCH = 2048
+
+    r = Small(max_record=3072)
+    pos, i = 0, 0
+    try:
+        while pos < len(data):
+            buf = r.get_buffer()
+            assert len(buf) > 0
+            n = min(len(buf), sizes[i % len(sizes)], len(data) - pos)
+            buf[:n] = data[pos:pos + n]
+            buf.release()
+            r.buffer_updated(n)
+            pos += n
+            i += 1
+            while (record := r.next_record()) is not None:
+                assert len(record) <= 3072
+                _serve(bytes(record))
+    except RecordError:
+        pass
+
+
 @given(st.binary(max_size=512))
 @settings(max_examples=400, deadline=None)
 def test_arbitrary_record(data: bytes) -> None:
