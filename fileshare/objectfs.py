@@ -146,7 +146,10 @@ class ObjectFS:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(30)
+            self._thread.join(5)
+            if self._thread.is_alive():  # an upload in flight: the next start redoes it
+                log.warning("share %s: an upload is still running at close", self.name)
+                return
         with self._ns:
             self._db.close()
 
