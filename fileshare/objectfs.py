@@ -49,6 +49,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ from vtl.cloud.store import (
 )
 
 log = logging.getLogger(__name__)
+
+HEAD_WORKERS = 16  # parallel HEAD requests when a listing brings many new objects
 
 from fileshare.objectmap import (  # noqa: F401  (re-exported: the module's public names)
     _SCHEMA, _SELECT, AGENT, FETCH_RUN, HANDLE_BYTES, MAX_FILE_BYTES, NAME_MAX, PATH_MAX,
@@ -350,7 +353,10 @@ class ObjectFS:
         with self._ns:
             children = {r.name: r for r in self._rows("WHERE parent = ? AND fileid != ?",
                                                       (d.fileid, ROOT_ID))}
-            defaults = self.config.defaults
+            wanted = [self._dir_key(join(d.path, n)) for n in dirs if n not in children]
+            wanted += [self._key(join(d.path, n)) for n, info in files.items()
+                       if n not in dirs and (n not in children or children[n].etag != info.etag)]
+            metas = self._head_many(wanted)
             for name in sorted(dirs):
                 row = children.get(name)
                 if row is not None:
@@ -361,7 +367,7 @@ class ObjectFS:
                         continue
                 if not self._valid_remote_name(name, d.path, True):
                     continue
-                meta = self._head_meta(self._dir_key(join(d.path, name)), FileType.DIR)
+                meta = self._meta_of(metas, self._dir_key(join(d.path, name)), FileType.DIR)
                 self._insert(d, name, FileType.DIR, remote=1, marker=int(meta is not None),
                              **(meta or self._default_meta(FileType.DIR)))
                 counts["added"] += 1
@@ -372,7 +378,7 @@ class ObjectFS:
                 if row is None:
                     if not self._valid_remote_name(name, d.path, False):
                         continue
-                    meta = self._head_meta(self._key(join(d.path, name)), FileType.REG)
+                    meta = self._meta_of(metas, self._key(join(d.path, name)), FileType.REG)
                     if meta is None:
                         continue  # deleted since the listing
                     self._insert(d, name, FileType.REG, remote=1, size=info.size,
@@ -380,7 +386,7 @@ class ObjectFS:
                     counts["added"] += 1
                 elif row.type == FileType.REG and not row.dirty and row.etag != info.etag \
                         and (row.synced_at or 0) < started:
-                    meta = self._head_meta(self._key(row.path), FileType.REG) or {}
+                    meta = self._meta_of(metas, self._key(row.path), FileType.REG) or {}
                     self.cache.drop(self._ckey(row.fileid))
                     self._touch(row, size=info.size, etag=info.etag, remote=1, cached=0,
                                 synced_at=None, **meta)
@@ -412,13 +418,26 @@ class ObjectFS:
         mode = d.dir_mode if ftype is FileType.DIR else d.file_mode
         return {"mode": mode, "uid": d.uid, "gid": d.gid, "mtime_ns": now, "ctime_ns": now}
 
-    def _head_meta(self, key: str, ftype: FileType) -> dict[str, int] | None:
-        with _map_store(f"head {key}"):
+    def _head_many(self, keys: list[str]) -> dict[str, ObjectInfo | None]:
+        """HEAD every key (in parallel: a listing of many new objects would otherwise take one
+        round trip each); None for keys gone since the listing."""
+        def head(key: str) -> ObjectInfo | None:
             try:
-                info = self.store.head_object(key)
+                return self.store.head_object(key)
             except ObjectNotFound:
                 return None
-        return decode_metadata(info, self.config.defaults, ftype)
+
+        with _map_store("reading object metadata"):
+            if len(keys) < 2:
+                return {k: head(k) for k in keys}
+            with ThreadPoolExecutor(max_workers=min(HEAD_WORKERS, len(keys)),
+                                    thread_name_prefix="vtl-head") as pool:
+                return dict(zip(keys, pool.map(head, keys)))
+
+    def _meta_of(self, metas: dict[str, ObjectInfo | None], key: str,
+                 ftype: FileType) -> dict[str, int] | None:
+        info = metas[key] if key in metas else self._head_many([key])[key]
+        return decode_metadata(info, self.config.defaults, ftype) if info is not None else None
 
     def refresh(self, path: str = "", recursive: bool = False) -> dict[str, int]:
         """Re-read the listing of ``path`` (a directory of the share) from the store.
