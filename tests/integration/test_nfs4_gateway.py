@@ -130,3 +130,18 @@ def test_v41_read_only_share_refuses_writes(gw: Gateway) -> None:
         with pytest.raises(OSError):
             c.unlink("old.txt")
     assert gw.keys("v4archive/") == ["v4archive/old.txt"]
+
+
+def test_v41_after_kill_9_a_new_client_finds_the_committed_file(gw: Gateway) -> None:
+    """Runs last in this module: it restarts the shared appliance."""
+    gw.share("v4crash")
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    with v41(gw, "/v4crash", uid=1000, gid=1000) as c:
+        with c.open("kept.bin", "wb") as f:
+            f.write(data)  # nfs-rs returns once the bytes are stable (FILE_SYNC or COMMIT)
+    gw.app.kill9()
+    gw.app.restart()
+    with v41(gw, "/v4crash", uid=1000, gid=1000) as c:
+        assert c.listdir() == ["kept.bin"]
+        with c.open("kept.bin", "rb") as f:
+            assert sha(f.read()) == sha(data)
