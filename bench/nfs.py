@@ -400,17 +400,12 @@ def render(r: dict[str, Any]) -> str:
                        ("read", f"nfs-cp read {size}, NFS v3 (MB/s)")):
         a, b = r["ours"][key], r["ganesha"][key]
         rows.append((label, _cell(a), _cell(b), _ratio(a, b)))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)]
-        lines.append("| " + " | ".join(cells) + " |")
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 1) + (":" if i else "-")
-                                        for i, w in enumerate(widths)) + "|")
-    return "\n".join(lines)
+    from bench.run import markdown_table
+
+    return markdown_table(rows)
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     size = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
     print(render(measure(size, log=lambda m: print(m, file=sys.stderr, flush=True))))

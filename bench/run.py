@@ -742,7 +742,12 @@ def render(specs: list[Spec], ours: dict[str, Outcome], theirs: dict[str, Outcom
         rows.append((f"{spec.label} ({spec.unit}{better})", _fmt(ours.get(spec.key), spec.unit),
                      _fmt(theirs.get(spec.key), spec.unit),
                      _ratio(ours.get(spec.key), theirs.get(spec.key))))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return markdown_table(rows)
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows (the first is the header) as an aligned markdown table, figures right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)]

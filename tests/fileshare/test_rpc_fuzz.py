@@ -16,6 +16,7 @@ from fileshare.rpc import (
 )
 from fileshare.xdr import XdrError
 from tests.fileshare.test_mount import FakeExports
+from tests.fileshare.test_rpc import _feed_in_place
 
 CLIENT = ("127.0.0.1", 1000)
 PROGRAMS = {100000: PortmapProgram(PortRegistry()), 100005: MountProgram(FakeExports())}  # type: ignore[arg-type]
@@ -62,21 +63,10 @@ def test_arbitrary_stream_received_in_place(data: bytes, sizes: list[int]) -> No
     class Small(RecordReassembler):
         SCRATCH = 2048
 
-    r = Small(max_record=3072)
-    pos, i = 0, 0
     try:
-        while pos < len(data):
-            buf = r.get_buffer()
-            assert len(buf) > 0
-            n = min(len(buf), sizes[i % len(sizes)], len(data) - pos)
-            buf[:n] = data[pos:pos + n]
-            buf.release()
-            r.buffer_updated(n)
-            pos += n
-            i += 1
-            while (record := r.next_record()) is not None:
-                assert len(record) <= 3072
-                _serve(bytes(record))
+        for record in _feed_in_place(Small(max_record=3072), data, sizes):
+            assert len(record) <= 3072
+            _serve(record)
     except RecordError:
         pass
 
