@@ -396,7 +396,7 @@ class WriteArgs:
     offset: int
     count: int
     stable: int
-    data: bytes
+    data: bytes | memoryview
 
     @classmethod
     def decode(cls, u: Unpacker) -> "WriteArgs":
@@ -411,6 +411,26 @@ class WriteArgs:
             # RFC 1813 3.3.7: data is count bytes; Linux nfsd refuses the call as undecodable.
             raise XdrError(f"WRITE count {count} with {len(data)} bytes of data")
         return cls(fh, offset, count, stable, data)
+
+    @classmethod
+    def decode_body(cls, body: bytes | memoryview) -> "WriteArgs":
+        """The whole argument body, with ``data`` a view into it (no copy of up to 1 MiB)."""
+        view = memoryview(body).cast("B")
+        u = Unpacker(view)
+        fh = unpack_fh(u)
+        offset = u.uhyper()
+        count = u.uint()
+        stable = u.uint()
+        if stable not in StableHow._value2member_map_:
+            raise XdrError(f"stable_how {stable}")
+        n = u.uint()
+        start = u.pos
+        if n != count:
+            raise XdrError(f"WRITE count {count} with {n} bytes of data")
+        end = start + n + (-n % 4)
+        if end != len(view):
+            raise XdrError(f"WRITE data of {n} bytes in {len(view) - start} bytes")
+        return cls(fh, offset, count, stable, view[start:start + n])  # type: ignore[arg-type]
 
     def encode(self, p: Packer) -> None:
         p.opaque(self.fh)

@@ -241,6 +241,7 @@ def test_nfs_dispatcher_routes_by_version(exports: MemExports) -> None:
     (Proc.GETATTR, struct.pack(">I", 0) + b"junk"),  # trailing bytes
     (Proc.WRITE, _body(WriteArgs(b"h" * 16, 0, 10, StableHow.UNSTABLE, b"abc"))),
     (Proc.WRITE, _body(WriteArgs(b"h" * 16, 0, 3, 7, b"abc"))),  # bad stable_how
+    (Proc.WRITE, _body(WriteArgs(b"h" * 16, 0, 3, 0, b"abc")) + b"\0\0\0\0"),  # trailing
     (Proc.CREATE, _body(DirOpArgs(b"h" * 16, b"x")) + struct.pack(">I", 3)),  # bad createmode
     (Proc.SETATTR, _body(FhArgs(b"h" * 16)) + struct.pack(">IIIII", 0, 0, 0, 0, 9)),  # time_how
 ])

@@ -61,6 +61,8 @@ def test_arguments_round_trip(args: Any) -> None:
     args.encode(p)
     raw = p.getvalue()
     assert len(raw) % 4 == 0
+    if isinstance(args, WriteArgs):
+        assert WriteArgs.decode_body(raw) == args
     u = Unpacker(raw)
     assert _decoder(args)(u) == args
     u.done()
@@ -77,7 +79,12 @@ def test_write_args_byte_fixture() -> None:
            + struct.pack(">I", 3) + b"abc\0")
     assert WriteArgs.decode(Unpacker(raw)) == WriteArgs(b"\x01\x02\x03\x04", 1 << 33, 3,
                                                         StableHow.FILE_SYNC, b"abc")
+    assert WriteArgs.decode_body(raw) == WriteArgs.decode(Unpacker(raw))
+    assert isinstance(WriteArgs.decode_body(raw).data, memoryview)  # no copy of the data
     bad = raw[:-8] + struct.pack(">I", 2) + b"ab\0\0"  # count 3, data 2
+    for case in (bad, raw + b"\0\0\0\0", raw[:-1]):
+        with pytest.raises(XdrError):
+            WriteArgs.decode_body(case)
     with pytest.raises(XdrError):
         WriteArgs.decode(Unpacker(bad))
 
