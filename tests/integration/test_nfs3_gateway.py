@@ -13,14 +13,14 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cloud.conftest import _AWS_ENV, MotoServer
+from tests.engine.helpers import wait_for
 from tests.fileshare.nfsclients import libnfs_url, need_libnfs, nfs_ls, nfs_rs_connect, run_tool
 from tests.support.appliance import ApplianceProcess
 
@@ -28,16 +28,6 @@ pytestmark = [pytest.mark.integration]
 
 BUCKET = "vtl-files"
 SETTLE = "0.3"
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def sha(data: bytes) -> str:
@@ -82,7 +72,7 @@ class Gateway:
                 return None
             body = obj["Body"].read()
             return obj if sha(body) == sha(data) else None
-        return dict(wait_for(f"object {key} with the written bytes", ready, timeout))
+        return dict(wait_for(ready, timeout, f"object {key} with the written bytes"))
 
 
 @pytest.fixture(scope="module")
@@ -160,13 +150,13 @@ def test_nfs_rs_create_rename_remove_mkdir_rmdir(gateway: Gateway) -> None:
         with c.open("projects/final.bin", "rb") as f:
             assert sha(f.read()) == sha(data)
         gateway.wait_object("team/projects/final.bin", data)
-        wait_for("the old key to go", lambda: gateway.object("team/projects/2026/plan.bin")
-                 is None)
+        wait_for(lambda: gateway.object("team/projects/2026/plan.bin") is None,
+                 what="the old key to go")
 
         c.unlink("notes.txt")
         assert not c.exists("notes.txt")
-        wait_for("the removed file's object to go", lambda: gateway.object("team/notes.txt")
-                 is None)
+        wait_for(lambda: gateway.object("team/notes.txt") is None,
+                 what="the removed file's object to go")
         c.rmdir("projects/2026")
         assert c.listdir("projects") == ["final.bin"]
         with pytest.raises(OSError):
