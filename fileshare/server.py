@@ -8,8 +8,10 @@ by xid; NFS clients expect that).
 Invariants:
 - Memory per connection is bounded: at most ``max_inflight`` calls, and ``MAX_INFLIGHT_BYTES``
   of call records, are running or queued per connection; past either, reading from that socket
-  pauses until replies go out. Reading also pauses while the transport's write buffer is above
-  its high-water mark (a client that does not read its replies stops being read).
+  pauses until replies go out. While the transport's write buffer is above its high-water mark
+  no call is started and reading pauses (a client that does not read its replies stops being
+  read), so unsent replies stay under the high-water mark plus the replies of the calls that
+  were running.
 - A record over ``MAX_RECORD`` bytes, a fragment storm, or a record with no readable xid drops
   that connection only; a malformed header gets the RPC reply ``decode_call`` prepared.
 - An exception escaping a program is logged and answered SYSTEM_ERR; nothing a client sends
@@ -211,7 +213,7 @@ class _RpcStream(asyncio.BufferedProtocol):
     def _admit(self) -> None:
         """Start pending calls while under the caps; pause reading when over them."""
         server = self.server
-        while not self.closed:
+        while not self.closed and not self.write_paused:  # no new work for a client not reading
             if not self.pending:
                 try:
                     record = self.records.next_record()

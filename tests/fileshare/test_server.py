@@ -304,7 +304,9 @@ def test_client_that_does_not_read_replies_is_bounded(running: Running) -> None:
     assert t.is_alive(), "everything was absorbed: the bound was not exercised"
     (conn,) = list(running.server._conns)
     assert conn.transport is not None
-    assert conn.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + 128 * 1024
+    # Unsent replies: the high-water mark plus the replies of the calls running at that point.
+    reply_room = (running.server.max_inflight + 1) * 64 * 1024
+    assert conn.transport.get_write_buffer_size() <= WRITE_HIGH_WATER + reply_room
     assert conn.inflight_bytes <= MAX_INFLIGHT_BYTES + 128 * 1024
     assert conn.records.buffered() <= 2 * 128 * 1024
     got = sorted(c.recv().xid for _ in range(count))
@@ -335,3 +337,35 @@ def test_reply_in_pieces(size: int) -> None:
     finally:
         c.close()
         r.stop()
+
+
+def test_ipv6_loopback_and_mapped_addresses() -> None:
+    from fileshare.server import _host
+
+    assert _host(("::ffff:127.0.0.1", 5, 0, 0)) == ("127.0.0.1", 5)
+    assert _host(("::1", 6, 0, 0)) == ("::1", 6)
+    assert _host(None) == ("", 0)
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+
+    async def main() -> bytes:
+        server = RpcServer([EchoProgram()], "::1", 0, udp=True)  # type: ignore[list-item]
+        try:
+            await server.start()
+        except OSError as exc:
+            pytest.skip(f"no ::1 here: {exc}")
+        try:
+            def call() -> bytes:
+                with socket.create_connection(("::1", server.port), timeout=10) as s:
+                    s.sendall(frame(encode_call(1, ECHO, 1, 5, b"", CRED)))
+                    records = RecordReassembler()
+                    while (rec := records.next_record()) is None:
+                        records.receive_data(s.recv(65536))
+                    return decode_reply(rec).body
+
+            return await asyncio.to_thread(call)
+        finally:
+            await server.stop()
+
+    body = asyncio.run(main())
+    assert body[8:11] == b"::1"
