@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import sqlite3
 import stat
@@ -70,7 +71,8 @@ HEAD_WORKERS = 16  # parallel HEAD requests when a listing brings many new objec
 from fileshare.objectmap import (  # noqa: F401  (re-exported: the module's public names)
     _SCHEMA, _SELECT, AGENT, FETCH_RUN, HANDLE_BYTES, MAX_FILE_BYTES, NAME_MAX, PATH_MAX,
     ROOT_ID, HandleCodec, R, Row, ShareDefaults, W, X, _map_store, allowed_access,
-    decode_metadata, encode_metadata, handle_share_id, join, permitted, validate_name,
+    decode_metadata, encode_metadata, handle_share_id, join, permitted, setattr_fields,
+    validate_name,
 )
 
 
@@ -123,10 +125,22 @@ class ObjectFS:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={'NORMAL' if durable else 'OFF'}")
         self._db.executescript(_SCHEMA)
+        self._wal = Path(f"{db_path}-wal")
+        self.durable = durable
         self._init_root()
         self._max_component = self._component_limit()
         # Dirty files from a previous run: adopt their cache copies and upload them again.
+        # Their size is the cache file's (unstable writes update the table without a sync).
         now = self.clock()
+        for r in self._rows("WHERE type = ? AND dirty = 1", (int(FileType.REG),)):
+            path = self.cache.path(self._ckey(r.fileid))
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                self.cache.create(self._ckey(r.fileid))
+                size = 0
+            if size != r.size:
+                self._update(r.fileid, size=size)
         known = [(r.fileid, r.size, bool(r.cached), bool(r.dirty))
                  for r in self._rows("WHERE type = ? AND (cached = 1 OR dirty = 1)",
                                      (int(FileType.REG),))]
@@ -307,6 +321,20 @@ class ObjectFS:
     def _sticky(self, cred: Cred, parent: Row, child: Row) -> None:
         if parent.mode & stat.S_ISVTX and cred.uid not in (0, parent.uid, child.uid):
             raise FsError(FsErrno.ACCES, "sticky directory: not the owner")
+
+    def _sync_db(self) -> None:
+        """Make the table's last transactions durable (fsync of the WAL) before a reply that
+        acknowledges a namespace change, a COMMIT or a FILE_SYNC write (RFC 1813 3.3)."""
+        if not self.durable:
+            return
+        try:
+            fd = os.open(self._wal, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _mark_due(self, fileid: int) -> None:
         self._due[fileid] = self.clock()
@@ -599,6 +627,7 @@ class ObjectFS:
                              cached=1)
                 if stable:
                     self._mark_due(row.fileid)
+                    self._sync_db()
                 else:
                     self._due.pop(row.fileid, None)
                     self._quiet[row.fileid] = self.clock()
@@ -614,6 +643,7 @@ class ObjectFS:
                     row = self._resolve(fh)
                     if row.dirty:
                         self._mark_due(row.fileid)
+                self._sync_db()
         return self.attr(row)
 
     # --- FileSystem: namespace changes -----------------------------------------------------------
@@ -657,6 +687,7 @@ class ObjectFS:
             self.cache.create(self._ckey(row.fileid))
             self._touch(d, mtime_ns=self._now_ns())
             self._mark_due(row.fileid)
+            self._sync_db()
             return self.handle(row), self.attr(row)
 
     def mkdir(self, cred: Cred, dir_fh: bytes, name: str,
@@ -676,6 +707,7 @@ class ObjectFS:
                                gid=cred.gid, dirty=1, listed_at=self.clock())
             self._touch(d, mtime_ns=self._now_ns())
             self._mark_due(row.fileid)
+            self._sync_db()
             return self.handle(row), self.attr(row)
 
     def _keep_parent(self, d: Row) -> None:
@@ -702,6 +734,7 @@ class ObjectFS:
                     self.store.delete_object(self._key(child.path))
             self._delete_rows(child)
             self._touch(self._get(d.fileid) or d, mtime_ns=self._now_ns())
+            self._sync_db()
 
     def rmdir(self, cred: Cred, dir_fh: bytes, name: str) -> None:
         self._writable()
@@ -724,6 +757,7 @@ class ObjectFS:
                 self.store.delete_object(self._dir_key(child.path))
             self._delete_rows(child)
             self._touch(self._get(d.fileid) or d, mtime_ns=self._now_ns())
+            self._sync_db()
 
     def rename(self, cred: Cred, from_dir: bytes, from_name: str, to_dir: bytes,
                to_name: str) -> None:
@@ -805,6 +839,7 @@ class ObjectFS:
                 fresh = self._get(d)
                 if fresh is not None:
                     self._touch(fresh, mtime_ns=now)
+            self._sync_db()
 
     def _move_dir_objects(self, old: str, new: str) -> None:
         old_key, new_key = self._dir_key(old), self._dir_key(new)
@@ -834,7 +869,7 @@ class ObjectFS:
                 if changes == SetAttr():
                     return self.attr(row)
                 self._writable()
-                fields = self._setattr_fields(cred, row, changes)
+                fields = setattr_fields(cred, row, changes, self._now_ns())
                 if changes.size is not None and changes.size != row.size:
                     if changes.size > MAX_FILE_BYTES:
                         raise FsError(FsErrno.FBIG, "larger than 5 TiB")
@@ -857,43 +892,14 @@ class ObjectFS:
                     fields["dirty"] = 1
                     self._touch(row, **fields)
                     self._mark_due(row.fileid)
-                    row = self._resolve(fh)
-                    return self.attr(row)
+                    self._sync_db()
+                    return self.attr(self._resolve(fh))
                 self._touch(row, **fields)
                 row = self._resolve(fh)
                 if row.is_dir:
                     self._dirty_dir(row)
+                self._sync_db()
                 return self.attr(row)
-
-    def _setattr_fields(self, cred: Cred, row: Row, c: SetAttr) -> dict[str, Any]:
-        owner = cred.uid == 0 or cred.uid == row.uid
-        fields: dict[str, Any] = {}
-        if c.mode is not None:
-            if not owner:
-                raise FsError(FsErrno.PERM, "only the owner may change the mode")
-            fields["mode"] = c.mode & 0o7777
-        if c.uid is not None and c.uid != row.uid:
-            if cred.uid != 0:
-                raise FsError(FsErrno.PERM, "only root may change the owner")
-            fields["uid"] = c.uid
-        if c.gid is not None and c.gid != row.gid:
-            if not (cred.uid == 0 or (owner and (c.gid == cred.gid or c.gid in cred.gids))):
-                raise FsError(FsErrno.PERM, "not allowed to change the group")
-            fields["gid"] = c.gid
-        if c.size is not None:
-            self._check(cred, row, W, owner_override=True)
-        now = self._now_ns()
-        for which, value, server in (("atime_ns", c.atime_ns, c.atime_server),
-                                     ("mtime_ns", c.mtime_ns, c.mtime_server)):
-            if server:
-                if not owner and not permitted(cred, row, W):
-                    raise FsError(FsErrno.ACCES, "permission denied")
-                fields[which] = now
-            elif value is not None:
-                if not owner:
-                    raise FsError(FsErrno.PERM, "only the owner may set times")
-                fields[which] = value
-        return fields
 
     def readdir(self, cred: Cred, dir_fh: bytes, cookie: int, cookieverf: bytes,
                 max_entries: int) -> tuple[Sequence[DirEntry], bool, bytes]:

@@ -20,10 +20,11 @@ import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from fileshare.fs import (
     ACCESS_DELETE, ACCESS_EXECUTE, ACCESS_EXTEND, ACCESS_LOOKUP, ACCESS_MODIFY, ACCESS_READ,
-    Cred, FileType, FsErrno, FsError,
+    Cred, FileType, FsErrno, FsError, SetAttr,
 )
 from vtl.cloud.store import (
     InvalidKey, ObjectArchived, ObjectInfo, StoreError, StoreUnavailable,
@@ -271,3 +272,37 @@ def allowed_access(cred: Cred, row: Row, requested: int, read_only: bool) -> int
         if permitted(cred, row, X):
             granted |= ACCESS_EXECUTE
     return granted & requested
+
+
+def setattr_fields(cred: Cred, row: Row, c: SetAttr, now_ns: int) -> dict[str, Any]:
+    """The table fields a SETATTR changes, after the POSIX rules: mode and times by the owner
+    (or root), the owner by root only, the group by root or by the owner to one of its groups,
+    the size with write permission (the owner always: it opened the file), times set to the
+    server's clock by the owner or a writer."""
+    owner = cred.uid == 0 or cred.uid == row.uid
+    fields: dict[str, Any] = {}
+    if c.mode is not None:
+        if not owner:
+            raise FsError(FsErrno.PERM, "only the owner may change the mode")
+        fields["mode"] = c.mode & 0o7777
+    if c.uid is not None and c.uid != row.uid:
+        if cred.uid != 0:
+            raise FsError(FsErrno.PERM, "only root may change the owner")
+        fields["uid"] = c.uid
+    if c.gid is not None and c.gid != row.gid:
+        if not (cred.uid == 0 or (owner and (c.gid == cred.gid or c.gid in cred.gids))):
+            raise FsError(FsErrno.PERM, "not allowed to change the group")
+        fields["gid"] = c.gid
+    if c.size is not None and not owner and not permitted(cred, row, W):
+        raise FsError(FsErrno.ACCES, "permission denied")
+    for which, value, server in (("atime_ns", c.atime_ns, c.atime_server),
+                                 ("mtime_ns", c.mtime_ns, c.mtime_server)):
+        if server:
+            if not owner and not permitted(cred, row, W):
+                raise FsError(FsErrno.ACCES, "permission denied")
+            fields[which] = now_ns
+        elif value is not None:
+            if not owner:
+                raise FsError(FsErrno.PERM, "only the owner may set times")
+            fields[which] = value
+    return fields
