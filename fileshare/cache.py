@@ -26,7 +26,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,7 @@ class FileCache:
         self.durable = durable
         self._lock = threading.Lock()
         self._lru: OrderedDict[CacheKey, _Entry] = OrderedDict()
+        self._total = 0  # sum of held() over the entries, kept in step by every change
         self.root.mkdir(parents=True, exist_ok=True)
         self.evictions = 0
 
@@ -101,13 +102,15 @@ class FileCache:
                         os.unlink(entry.path)
                     continue
                 size, complete, dirty = info
-                self._lru[(share, fileid)] = _Entry(size=size, complete=True, dirty=dirty)
+                self._forget((share, fileid))
+                entry = self._lru[(share, fileid)] = _Entry(size=size, complete=True, dirty=dirty)
+                self._total += entry.held(self.chunk)
 
     def forget_share(self, share: str) -> None:
         """Drop every file of a share (share deleted)."""
         with self._lock:
             for key in [k for k in self._lru if k[0] == share]:
-                del self._lru[key]
+                self._forget(key)
         d = self.share_dir(share)
         if d.is_dir():
             for entry in os.scandir(d):
@@ -117,6 +120,21 @@ class FileCache:
                 d.rmdir()
 
     # --- state -------------------------------------------------------------------------------
+    def _forget(self, key: CacheKey) -> None:
+        entry = self._lru.pop(key, None)
+        if entry is not None:
+            self._total -= entry.held(self.chunk)
+
+    @contextlib.contextmanager
+    def _changing(self, key: CacheKey) -> Iterator[_Entry]:
+        """The entry of ``key`` (made most recent) for a change; the total follows."""
+        entry = self._entry(key)
+        before = entry.held(self.chunk)
+        try:
+            yield entry
+        finally:
+            self._total += entry.held(self.chunk) - before
+
     def _entry(self, key: CacheKey) -> _Entry:
         entry = self._lru.get(key)
         if entry is None:
@@ -174,8 +192,7 @@ class FileCache:
             os.pwrite(fd, data, offset)
         finally:
             os.close(fd)
-        with self._lock:
-            entry = self._entry(key)
+        with self._lock, self._changing(key) as entry:
             entry.size = size
             end = offset + len(data)
             c = offset // self.chunk
@@ -192,14 +209,12 @@ class FileCache:
         """An empty, complete, dirty file (a new share file)."""
         fd = self._open(key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.close(fd)
-        with self._lock:
-            entry = self._entry(key)
+        with self._lock, self._changing(key) as entry:
             entry.size, entry.complete, entry.dirty = 0, True, True
             entry.chunks.clear()
 
     def set_complete(self, key: CacheKey, size: int) -> None:
-        with self._lock:
-            entry = self._entry(key)
+        with self._lock, self._changing(key) as entry:
             entry.size, entry.complete = size, True
             entry.chunks.clear()
 
@@ -227,8 +242,7 @@ class FileCache:
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-        with self._lock:
-            entry = self._entry(key)
+        with self._lock, self._changing(key) as entry:
             entry.size, entry.complete, entry.dirty = size, True, True
         return size
 
@@ -240,8 +254,7 @@ class FileCache:
                 os.fdatasync(fd)
         finally:
             os.close(fd)
-        with self._lock:
-            entry = self._entry(key)
+        with self._lock, self._changing(key) as entry:
             entry.size, entry.complete, entry.dirty = size, True, True
 
     def sync(self, key: CacheKey) -> None:
@@ -270,19 +283,20 @@ class FileCache:
             if entry is None:
                 return
             os.replace(self.path(old), self.path(new))
+            self._forget(new)
             self._lru[new] = entry
 
     def drop(self, key: CacheKey) -> None:
         """Forget a file (removed, or replaced in the store by another tool)."""
         with self._lock:
-            self._lru.pop(key, None)
+            self._forget(key)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(key))
 
     # --- accounting and eviction ---------------------------------------------------------------
     def usage(self) -> int:
         with self._lock:
-            return sum(e.held(self.chunk) for e in self._lru.values())
+            return self._total
 
     def dirty_bytes(self) -> int:
         with self._lock:
@@ -295,15 +309,15 @@ class FileCache:
         protected = set(protect)
         gone: list[CacheKey] = []
         with self._lock:
-            total = sum(e.held(self.chunk) for e in self._lru.values())
+            if self._total <= self.limit:
+                return []
             for key in list(self._lru):
-                if total <= self.limit:
+                if self._total <= self.limit:
                     break
                 entry = self._lru[key]
                 if entry.dirty or key in protected:
                     continue
-                total -= entry.held(self.chunk)
-                del self._lru[key]
+                self._forget(key)
                 gone.append(key)
         for key in gone:
             with contextlib.suppress(FileNotFoundError):

@@ -64,3 +64,22 @@ def test_truncate_extends_with_zeros(tmp_path: Path) -> None:
     assert cache.read(("s", 9), 0, 10) == b"a"
     cache.drop(("s", 9))
     assert cache.read(("s", 9), 0, 10) == b""
+
+
+def test_usage_total_stays_equal_to_the_sum_of_entries(tmp_path: Path) -> None:
+    cache = FileCache(tmp_path, limit=100, chunk=8)
+    for i in range(30):
+        key = ("s", i % 7)
+        op = i % 5
+        if op == 0:
+            cache.fill(key, 40, (i % 5) * 8, b"x" * 8)
+        elif op == 1:
+            cache.write(key, i, b"y" * 9, sync=False)
+        elif op == 2:
+            cache.truncate(key, i)
+            cache.mark_clean(key)
+        elif op == 3:
+            cache.drop(key)
+        else:
+            cache.evict()
+        assert cache.usage() == sum(e.held(8) for e in cache._lru.values())
