@@ -18,6 +18,13 @@ Invariants:
   reaches the event loop as an exception.
 - ``stop()`` closes the listeners and connections, drops queued calls and waits for running
   ones, so the programs' resources can be closed after it returns.
+- Non-idempotent calls (the program's ``cached_procs``, by default NFS v3 SETATTR, CREATE,
+  MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR, RENAME, LINK) go through a duplicate request cache: a
+  retransmission (same client address, xid, program, version, procedure and arguments), e.g.
+  after the client reconnected, gets the first reply again instead of running twice (a REMOVE
+  retried after a lost reply answers OK, not NOENT); one arriving while the first still runs is
+  dropped (the client retransmits again). Bounded: ``DRC_ENTRIES`` replies of at most
+  ``DRC_REPLY_MAX`` bytes, least recently used first out.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
+import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from fileshare.rpc import (
@@ -47,6 +56,52 @@ MAX_UDP_DATAGRAM = 65535
 Parts = list[bytes | bytearray | memoryview]  # a reply message in pieces, unframed
 _JOIN_BELOW = 32 * 1024  # replies up to this size are sent as one buffer
 _DISCARD = bytearray(64 * 1024)  # where bytes of a connection being dropped go
+
+DRC_ENTRIES = 4096
+DRC_REPLY_MAX = 4096
+NFS_PROG = 100003
+NFS3_NON_IDEMPOTENT = frozenset((3, proc) for proc in (2, 8, 9, 10, 11, 12, 13, 14, 15))
+"""(version, procedure) of NFS v3 SETATTR, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR,
+RENAME and LINK (RFC 1813 3.3): the calls whose retransmission must not run again."""
+_DEFAULT_CACHED = {NFS_PROG: NFS3_NON_IDEMPOTENT}
+
+DrcKey = tuple[str, int, int, int, int, int]
+
+
+class DuplicateRequestCache:
+    """Replies of non-idempotent calls, keyed by caller and arguments (event-loop thread only)."""
+
+    def __init__(self, max_entries: int = DRC_ENTRIES) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[DrcKey, Parts | None] = OrderedDict()
+
+    @staticmethod
+    def key(call: RpcCall) -> DrcKey:
+        return (call.client_host, call.xid, call.prog, call.vers, call.proc,
+                zlib.crc32(call.body))
+
+    def lookup(self, key: DrcKey) -> Parts | None:
+        """The cached reply; an empty list while the first such call still runs; or None (a
+        new call, now recorded as running)."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return list(self._entries[key] or ())
+        self._entries[key] = None
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return None
+
+    def finish(self, key: DrcKey, reply: Parts | None) -> None:
+        """Keep ``reply`` (None: forget the call, e.g. it never ran)."""
+        if key not in self._entries:
+            return
+        if reply is None or sum(len(p) for p in reply) > DRC_REPLY_MAX:
+            del self._entries[key]
+        else:
+            self._entries[key] = [bytes(p) for p in reply]
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def _host(addr: tuple[object, ...] | None) -> tuple[str, int]:
@@ -84,6 +139,7 @@ class RpcServer:
         self._server: asyncio.base_events.Server | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
         self._conns: set[_RpcStream] = set()
+        self.drc = DuplicateRequestCache()
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,7 +183,19 @@ class RpcServer:
                                         min(program.versions), max(program.versions))]
         if self._pool is None:
             return [encode_accept_error(call.xid, AcceptStat.SYSTEM_ERR)]
-        return asyncio.get_running_loop().run_in_executor(self._pool, _run, program, call)
+        cached = getattr(program, "cached_procs", _DEFAULT_CACHED.get(call.prog, frozenset()))
+        if (call.vers, call.proc) not in cached:
+            return asyncio.get_running_loop().run_in_executor(self._pool, _run, program, call)
+        key = self.drc.key(call)
+        reply = self.drc.lookup(key)
+        if reply is not None:
+            log.info("RPC retransmission from %s (xid %#x, procedure %d): %s", call.client_host,
+                     call.xid, call.proc, "still running, dropped" if not reply else "replayed")
+            return reply  # empty while the first still runs: nothing is sent
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, _run, program, call)
+        fut.add_done_callback(lambda f: self.drc.finish(
+            key, None if f.cancelled() or f.exception() is not None else f.result()))
+        return fut
 
 
 def _run(program: RpcProgram, call: RpcCall) -> Parts:
@@ -266,7 +334,7 @@ class _RpcStream(asyncio.BufferedProtocol):
 
     def _send(self, parts: Parts) -> None:
         transport = self.transport
-        if transport is None or self.closed or transport.is_closing():
+        if not parts or transport is None or self.closed or transport.is_closing():
             return
         size = sum(len(p) for p in parts)
         if size <= _JOIN_BELOW:  # one segment, one send
@@ -337,6 +405,8 @@ class _RpcDatagram(asyncio.DatagramProtocol):
             self._reply(fut.result(), addr)
 
     def _reply(self, parts: Parts, addr: tuple[object, ...]) -> None:
+        if not parts:
+            return
         message = b"".join(parts)
         if self.transport is not None and not self.transport.is_closing() \
                 and len(message) <= MAX_UDP_DATAGRAM:

@@ -369,3 +369,69 @@ def test_ipv6_loopback_and_mapped_addresses() -> None:
 
     body = asyncio.run(main())
     assert body[8:11] == b"::1"
+
+
+class CountingProgram:
+    """proc 1 counts its runs and answers the count; proc 2 waits for the gate first."""
+
+    prog = ECHO + 9
+    versions = (1,)
+    cached_procs = frozenset({(1, 1), (1, 2)})
+
+    def __init__(self) -> None:
+        self.runs = 0
+        self.gate = threading.Event()
+
+    def handle(self, call: RpcCall) -> bytes:
+        if call.proc == 0:
+            return b""
+        if call.proc == 2:
+            self.gate.wait(10)
+        self.runs += 1
+        return struct.pack(">I", self.runs)
+
+
+class NfsLike:
+    prog = 100003
+    versions = (3,)
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def handle(self, call: RpcCall) -> bytes:
+        self.runs += 1
+        return b""
+
+
+def test_duplicate_request_cache() -> None:
+    counting, nfs = CountingProgram(), NfsLike()
+    r = Running()
+    r.server.programs.update({counting.prog: counting, nfs.prog: nfs})  # type: ignore[dict-item]
+    c = Client(r.server.port)
+    try:
+        first = c.call(5, 1, b"args", prog=counting.prog)
+        assert first.body == struct.pack(">I", 1)
+        # Retransmission on a new connection (as after a reconnect): the first reply again.
+        c.close()
+        c = Client(r.server.port)
+        assert c.call(5, 1, b"args", prog=counting.prog) == first
+        assert counting.runs == 1
+        # Same xid, other arguments: a different call.
+        assert c.call(5, 1, b"argz", prog=counting.prog).body == struct.pack(">I", 2)
+        # A duplicate of a call still running is dropped: one reply only.
+        c.send(encode_call(6, counting.prog, 1, 2, b"", None))
+        c.send(encode_call(6, counting.prog, 1, 2, b"", None))
+        c.send(encode_call(7, counting.prog, 1, 0))  # PROC 0 is not cached: runs at once
+        assert c.recv().xid == 7
+        counting.gate.set()
+        assert c.recv().xid == 6
+        assert c.call(8, 0, prog=counting.prog).xid == 8  # no second reply to xid 6 queued
+        assert counting.runs == 3
+        # NFS v3 REMOVE (12) is cached by default; GETATTR (1) is not.
+        for _ in range(2):
+            c.call(9, 12, b"x", prog=100003, vers=3)
+            c.call(10, 1, b"x", prog=100003, vers=3)
+        assert nfs.runs == 3
+    finally:
+        c.close()
+        r.stop()
