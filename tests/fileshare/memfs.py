@@ -161,7 +161,7 @@ class MemFs:
             n.gid = c.gid
         if c.size is not None:
             if n.type != FileType.REG:
-                raise FsError(FsErrno.INVAL)
+                raise FsError(FsErrno.ISDIR)  # truncate(2) of a directory: EISDIR
             self._need(cred, n, _W, owner_override=True)
             if c.size < len(n.data):
                 del n.data[c.size:]
