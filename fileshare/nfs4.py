@@ -49,7 +49,24 @@ from fileshare.fs import (
     FsError,
     SetAttr,
 )
-from fileshare.nfs4state import MAX_OPS, MAX_SLOTS, Client, Session, Slot, StateError, StateTable
+from fileshare.nfs4state import (
+    MAX_OPS,
+    MAX_SLOTS,
+    RANGE_END,
+    READ_LT,
+    READW_LT,
+    WRITE_LT,
+    WRITEW_LT,
+    Client,
+    LockConflict,
+    LockDenied,
+    LockState,
+    OpenState,
+    Session,
+    Slot,
+    StateError,
+    StateTable,
+)
 from fileshare.nfs4types import (
     CLAIM_DELEG_CUR_FH,
     CLAIM_DELEG_PREV_FH,
@@ -252,6 +269,7 @@ class Nfs4Program:
             Op.TEST_STATEID: self._test_stateid, Op.DESTROY_CLIENTID: self._destroy_clientid,
             Op.RECLAIM_COMPLETE: self._reclaim_complete,
             Op.BIND_CONN_TO_SESSION: self._bind_conn_to_session,
+            Op.LOCK: self._op_lock, Op.LOCKT: self._lockt, Op.LOCKU: self._locku,
         }
 
     # ------------------------------------------------------------------ RPC entry
@@ -366,7 +384,10 @@ class Nfs4Program:
         except Exception:  # a bug: log it, answer SERVERFAULT, keep serving
             log.exception("NFS4 %s failed", op.name)
             stat = Stat.SERVERFAULT
-        return stat, _resop(op, stat, _error_body(op)), None
+        body = _error_body(op)
+        if stat == Stat.DENIED and op in (Op.LOCK, Op.LOCKT):
+            body = bytes(ctx.extra.pop("denied", b""))  # type: ignore[arg-type]
+        return stat, _resop(op, stat, body), None
 
     # ------------------------------------------------------------------ helpers
 
@@ -671,8 +692,131 @@ class Nfs4Program:
         with self._lock:
             if sid.is_anonymous or sid.is_bypass:
                 raise Nfs4Error(Stat.BAD_STATEID)
-            self.state.find(sid, ctx.client)
+            st = self.state.find(sid, ctx.client)
+            if isinstance(st, LockState):
+                self.state.free_lock(st)
+                return b""
         raise Nfs4Error(Stat.LOCKS_HELD, "an open stateid is freed by CLOSE")
+
+    # ------------------------------------------------------------------ byte-range locks
+
+    @staticmethod
+    def _range(offset: int, length: int) -> tuple[int, int]:
+        """[start, end) of a lock range; length all ones means to the end (RFC 8881 18.10.3)."""
+        if length == 0:
+            raise Nfs4Error(Stat.INVAL, "zero-length lock range")
+        if length == 0xFFFFFFFFFFFFFFFF:
+            return offset, RANGE_END
+        if offset + length > 0xFFFFFFFFFFFFFFFF:
+            raise Nfs4Error(Stat.INVAL, "lock range past 2**64 - 1")
+        return offset, offset + length
+
+    @staticmethod
+    def _denied_body(d: LockDenied) -> bytes:
+        p = Packer()
+        p.uhyper(d.start)
+        p.uhyper(0xFFFFFFFFFFFFFFFF if d.end >= RANGE_END else d.end - d.start)
+        p.enum(d.type)
+        p.uhyper(d.clientid)
+        p.opaque(d.owner)
+        return p.getvalue()
+
+    def _lock_file(self, ctx: _Ctx) -> FhRef:
+        ref = ctx.fh()
+        if ref.fs is None or self._attr(ref).type == FileType.DIR:
+            raise Nfs4Error(Stat.ISDIR)
+        return ref
+
+    def _op_lock(self, ctx: _Ctx, u: Unpacker) -> bytes:
+        locktype = u.enum()
+        reclaim = u.bool()
+        offset = u.uhyper()
+        length = u.uhyper()
+        new_owner = u.bool()
+        if new_owner:
+            u.uint()
+            open_sid = StateId.unpack(u)
+            u.uint()
+            u.uhyper()
+            owner = u.opaque(NFS4_OPAQUE_LIMIT)
+        else:
+            lock_sid = StateId.unpack(u)
+            u.uint()
+        if locktype not in (READ_LT, WRITE_LT, READW_LT, WRITEW_LT):
+            raise Nfs4Error(Stat.INVAL, f"lock type {locktype}")
+        ref = self._lock_file(ctx)
+        start, end = self._range(offset, length)
+        client = ctx.client
+        assert client is not None
+        if reclaim:
+            raise Nfs4Error(Stat.NO_GRACE)
+        if not client.reclaim_complete:
+            raise Nfs4Error(Stat.GRACE, "RECLAIM_COMPLETE must come before LOCK")
+        with self._lock:
+            if new_owner:
+                _, open_st = self._open_stateid(ctx, open_sid)
+                lk = self.state.lock_state(open_st, owner)
+            else:
+                sid = ctx.cur_sid if lock_sid.is_current and ctx.cur_sid else lock_sid
+                found = self.state.find(sid, client)
+                if not isinstance(found, LockState) or found.fh != ref.handle:
+                    raise Nfs4Error(Stat.BAD_STATEID, "not a lock stateid of this file")
+                lk = found
+            need = OPEN4_SHARE_ACCESS_WRITE if locktype in (WRITE_LT, WRITEW_LT) \
+                else OPEN4_SHARE_ACCESS_READ
+            if not lk.access & need:
+                raise Nfs4Error(Stat.OPENMODE)
+            try:
+                new = self.state.lock(lk, locktype, start, end, self.clock())
+            except LockConflict as exc:
+                ctx.extra["denied"] = self._denied_body(exc.denied)
+                raise Nfs4Error(Stat.DENIED) from None
+        ctx.cur_sid = new
+        p = Packer()
+        new.pack(p)
+        return p.getvalue()
+
+    def _lockt(self, ctx: _Ctx, u: Unpacker) -> bytes:
+        locktype = u.enum()
+        offset = u.uhyper()
+        length = u.uhyper()
+        u.uhyper()
+        owner = u.opaque(NFS4_OPAQUE_LIMIT)
+        if locktype not in (READ_LT, WRITE_LT, READW_LT, WRITEW_LT):
+            raise Nfs4Error(Stat.INVAL, f"lock type {locktype}")
+        ref = self._lock_file(ctx)
+        start, end = self._range(offset, length)
+        client = ctx.client
+        assert client is not None
+        with self._lock:
+            denied = self.state.test_lock(ref.handle, client, owner, locktype, start, end,
+                                          self.clock())
+        if denied is not None:
+            ctx.extra["denied"] = self._denied_body(denied)
+            raise Nfs4Error(Stat.DENIED)
+        return b""
+
+    def _locku(self, ctx: _Ctx, u: Unpacker) -> bytes:
+        locktype = u.enum()
+        u.uint()
+        sid = StateId.unpack(u)
+        offset = u.uhyper()
+        length = u.uhyper()
+        if locktype not in (READ_LT, WRITE_LT, READW_LT, WRITEW_LT):
+            raise Nfs4Error(Stat.INVAL, f"lock type {locktype}")
+        ref = self._lock_file(ctx)
+        start, end = self._range(offset, length)
+        if sid.is_current:
+            sid = ctx.cur_sid or _raise(Stat.BAD_STATEID)
+        with self._lock:
+            lk = self.state.find(sid, ctx.client)
+            if not isinstance(lk, LockState) or lk.fh != ref.handle:
+                raise Nfs4Error(Stat.BAD_STATEID, "not a lock stateid of this file")
+            new = self.state.unlock(lk, start, end)
+        ctx.cur_sid = new
+        p = Packer()
+        new.pack(p)
+        return p.getvalue()
 
     # ------------------------------------------------------------------ file handles
 
@@ -969,13 +1113,15 @@ class Nfs4Program:
         if fs.access(cred, handle, need) != need:
             raise Nfs4Error(Stat.ACCESS)
 
-    def _open_stateid(self, ctx: _Ctx, sid: StateId) -> tuple[FhRef, object]:
+    def _open_stateid(self, ctx: _Ctx, sid: StateId) -> tuple[FhRef, OpenState]:
         ref = ctx.fh()
         if sid.is_current:
             sid = ctx.cur_sid or _raise(Stat.BAD_STATEID)
         if sid.is_anonymous or sid.is_bypass:
             raise Nfs4Error(Stat.BAD_STATEID)
         st = self.state.find(sid, ctx.client)
+        if not isinstance(st, OpenState):
+            raise Nfs4Error(Stat.BAD_STATEID, "not an open stateid")
         if st.fh != ref.handle:
             raise Nfs4Error(Stat.BAD_STATEID, "stateid of another file")
         return ref, st
@@ -985,7 +1131,7 @@ class Nfs4Program:
         sid = StateId.unpack(u)
         with self._lock:
             _, st = self._open_stateid(ctx, sid)
-            self.state.close(st)  # type: ignore[arg-type]
+            self.state.close(st)
         ctx.cur_sid = INVALID_STATEID
         p = Packer()
         INVALID_STATEID.pack(p)
@@ -998,7 +1144,7 @@ class Nfs4Program:
         deny = u.uint()
         with self._lock:
             _, st = self._open_stateid(ctx, sid)
-            new = self.state.downgrade(st, access, deny).stateid()  # type: ignore[arg-type]
+            new = self.state.downgrade(st, access, deny).stateid()
         ctx.cur_sid = new
         p = Packer()
         new.pack(p)

@@ -57,8 +57,72 @@ class OpenState:
     access: int
     deny: int
 
+    locks: list[LockState] = field(default_factory=list)
+
     def stateid(self) -> StateId:
         return StateId(self.seqid, self.other)
+
+
+@dataclass
+class LockState:
+    """One lock owner's byte-range locks on one file, under one open (RFC 8881 9.4)."""
+
+    other: bytes
+    seqid: int
+    client: Client
+    owner: bytes
+    open: OpenState
+    ranges: list[tuple[int, int, int]] = field(default_factory=list)  # (start, end, type)
+
+    @property
+    def fh(self) -> bytes:
+        return self.open.fh
+
+    @property
+    def access(self) -> int:
+        return self.open.access
+
+    def stateid(self) -> StateId:
+        return StateId(self.seqid, self.other)
+
+
+@dataclass(frozen=True, slots=True)
+class LockDenied:
+    """LOCK4denied: the range, type and owner of a conflicting lock."""
+
+    start: int
+    end: int
+    type: int
+    clientid: int
+    owner: bytes
+
+
+class LockConflict(Exception):
+    def __init__(self, denied: LockDenied) -> None:
+        super().__init__("lock conflict")
+        self.denied = denied
+
+
+READ_LT, WRITE_LT, READW_LT, WRITEW_LT = 1, 2, 3, 4
+RANGE_END = 1 << 64
+
+
+def _is_write(locktype: int) -> bool:
+    return locktype in (WRITE_LT, WRITEW_LT)
+
+
+def _subtract(ranges: list[tuple[int, int, int]], start: int, end: int
+              ) -> list[tuple[int, int, int]]:
+    out = []
+    for s, e, t in ranges:
+        if e <= start or s >= end:
+            out.append((s, e, t))
+            continue
+        if s < start:
+            out.append((s, start, t))
+        if e > end:
+            out.append((end, e, t))
+    return out
 
 
 @dataclass
@@ -97,7 +161,7 @@ class StateTable:
         self._counter = 0
         self.clients: dict[int, Client] = {}
         self.sessions: dict[bytes, Session] = {}
-        self.stateids: dict[bytes, OpenState] = {}
+        self.stateids: dict[bytes, OpenState | LockState] = {}
         self.by_file: dict[bytes, list[OpenState]] = {}
 
     def _next(self) -> int:
@@ -251,6 +315,9 @@ class StateTable:
     # -------------------------------------------------------------------- open state
 
     def _drop_open(self, st: OpenState) -> None:
+        for lk in st.locks:
+            self.stateids.pop(lk.other, None)
+        st.locks.clear()
         self.stateids.pop(st.other, None)
         st.client.opens.pop(st.other, None)
         peers = self.by_file.get(st.fh)
@@ -286,8 +353,8 @@ class StateTable:
         self.by_file.setdefault(fh, []).append(st)
         return st
 
-    def find(self, sid: StateId, c: Client | None) -> OpenState:
-        """The open state a (non-special) stateid names, with its seqid checked."""
+    def find(self, sid: StateId, c: Client | None) -> OpenState | LockState:
+        """The open or lock state a (non-special) stateid names, with its seqid checked."""
         st = self.stateids.get(sid.other)
         if st is None or (c is not None and st.client is not c):
             if sid.other[:4] != self.boot:
@@ -311,7 +378,64 @@ class StateTable:
         return Stat.OK
 
     def close(self, st: OpenState) -> None:
+        if any(lk.ranges for lk in st.locks):
+            raise StateError(Stat.LOCKS_HELD, "byte-range locks are still held")
         self._drop_open(st)
+
+    # -------------------------------------------------------------------- byte-range locks
+
+    def lock_state(self, open_st: OpenState, owner: bytes) -> LockState:
+        """The lock owner's state under ``open_st`` (made on the owner's first LOCK)."""
+        for lk in open_st.locks:
+            if lk.owner == owner:
+                return lk
+        lk = LockState(self.boot + struct.pack(">Q", self._next()), 0, open_st.client, owner,
+                       open_st)
+        self.stateids[lk.other] = lk
+        open_st.locks.append(lk)
+        return lk
+
+    def _conflict(self, fh: bytes, client: Client | None, owner: bytes | None, start: int,
+                  end: int, write: bool, now: float) -> LockDenied | None:
+        for o in list(self.by_file.get(fh, ())):
+            for lk in list(o.locks):
+                if lk.client is client and lk.owner == owner:
+                    continue
+                for s, e, t in lk.ranges:
+                    if e <= start or s >= end or not (write or _is_write(t)):
+                        continue
+                    if lk.client is not client and self._expired(lk.client, now):
+                        self._purge_client(lk.client)  # a courtesy client yields
+                        return self._conflict(fh, client, owner, start, end, write, now)
+                    return LockDenied(s, e, READ_LT if not _is_write(t) else WRITE_LT,
+                                      lk.client.clientid, lk.owner)
+        return None
+
+    def lock(self, lk: LockState, locktype: int, start: int, end: int, now: float) -> StateId:
+        denied = self._conflict(lk.fh, lk.client, lk.owner, start, end, _is_write(locktype),
+                                now)
+        if denied is not None:
+            raise LockConflict(denied)
+        lk.ranges = sorted(_subtract(lk.ranges, start, end)
+                           + [(start, end, WRITE_LT if _is_write(locktype) else READ_LT)])
+        lk.seqid = (lk.seqid % NFS4_UINT32_MAX) + 1
+        return lk.stateid()
+
+    def test_lock(self, fh: bytes, client: Client, owner: bytes, locktype: int, start: int,
+                  end: int, now: float) -> LockDenied | None:
+        return self._conflict(fh, client, owner, start, end, _is_write(locktype), now)
+
+    def unlock(self, lk: LockState, start: int, end: int) -> StateId:
+        lk.ranges = _subtract(lk.ranges, start, end)
+        lk.seqid = (lk.seqid % NFS4_UINT32_MAX) + 1
+        return lk.stateid()
+
+    def free_lock(self, lk: LockState) -> None:
+        if lk.ranges:
+            raise StateError(Stat.LOCKS_HELD)
+        self.stateids.pop(lk.other, None)
+        if lk in lk.open.locks:
+            lk.open.locks.remove(lk)
 
     def downgrade(self, st: OpenState, access: int, deny: int) -> OpenState:
         if access & ~st.access or deny & ~st.deny or not access:

@@ -249,7 +249,7 @@ def _res(op: int, u: Unpacker) -> dict[str, object]:
             out["why"] = u.uint()
             if out["why"] in (1, 2):
                 u.bool()
-    elif op in (Op.CLOSE, Op.OPEN_DOWNGRADE):
+    elif op in (Op.CLOSE, Op.OPEN_DOWNGRADE, Op.LOCK, Op.LOCKU):
         out["stateid"] = StateId.unpack(u)
     elif op == Op.WRITE:
         out.update(count=u.uint(), committed=u.uint(), verf=u.fopaque(8))
@@ -300,6 +300,8 @@ class Reply:
             res = _res(op, u) if st == 0 else {}
             if op == Op.SETATTR and st != 0:
                 res["attrsset"] = bitmap_decode(u)
+            if op in (Op.LOCK, Op.LOCKT) and st == Stat.DENIED:
+                res["denied"] = (u.uhyper(), u.uhyper(), u.uint(), u.uhyper(), u.opaque())
             r.ops.append((op, st, res))
         u.done()
         return r
@@ -446,8 +448,8 @@ def test_sequence_not_first(c: Client) -> None:
 def test_illegal_and_unsupported_ops(c: Client) -> None:
     r = c(_op(9999))
     assert r.status == Stat.OP_ILLEGAL and r.ops[-1][0] == Op.ILLEGAL
-    r = c(_op(Op.LOCK))
-    assert r.status == Stat.NOTSUPP and r.ops[-1][0] == Op.LOCK
+    r = c(_op(Op.LINK))
+    assert r.status == Stat.NOTSUPP and r.ops[-1][0] == Op.LINK
     r = c(_op(Op.SETCLIENTID))
     assert r.status == Stat.NOTSUPP
 
@@ -764,3 +766,91 @@ def test_verify_nverify(c: Client) -> None:
     nverify = _op(Op.NVERIFY, lambda p: _fattr(p, size3))
     assert c(op_putfh(fh), verify).status == 0
     assert c(op_putfh(fh), nverify).status == Stat.SAME
+
+
+# ------------------------------------------------------------------------- tests: locks
+
+
+def op_lock_new(open_sid: StateId, owner: bytes, locktype: int, offset: int, length: int
+                ) -> bytes:
+    def b(p: Packer) -> None:
+        p.uint(locktype)
+        p.bool(False)
+        p.uhyper(offset)
+        p.uhyper(length)
+        p.bool(True)
+        p.uint(0)
+        open_sid.pack(p)
+        p.uint(0)
+        p.uhyper(0)
+        p.opaque(owner)
+    return _op(Op.LOCK, b)
+
+
+def op_lock_existing(lock_sid: StateId, locktype: int, offset: int, length: int) -> bytes:
+    def b(p: Packer) -> None:
+        p.uint(locktype)
+        p.bool(False)
+        p.uhyper(offset)
+        p.uhyper(length)
+        p.bool(False)
+        lock_sid.pack(p)
+        p.uint(0)
+    return _op(Op.LOCK, b)
+
+
+def op_locku(lock_sid: StateId, offset: int, length: int) -> bytes:
+    def b(p: Packer) -> None:
+        p.uint(2)
+        p.uint(0)
+        lock_sid.pack(p)
+        p.uhyper(offset)
+        p.uhyper(length)
+    return _op(Op.LOCKU, b)
+
+
+def op_lockt(owner: bytes, locktype: int, offset: int, length: int) -> bytes:
+    def b(p: Packer) -> None:
+        p.uint(locktype)
+        p.uhyper(offset)
+        p.uhyper(length)
+        p.uhyper(0)
+        p.opaque(owner)
+    return _op(Op.LOCKT, b)
+
+
+def _lock_sid(body: bytes) -> StateId:
+    u = Unpacker(body)
+    return StateId.unpack(u)
+
+
+def test_byte_range_locks(c: Client, prog: Nfs4Program) -> None:
+    fh, sid = create_file(c, "locked", b"x" * 100)
+    raw = c.send([op_sequence(c.sessionid, c.seq + 1), op_putfh(fh),
+                  op_lock_new(sid, b"lo1", 2, 10, 20)])
+    c.seq += 1
+    assert raw.status == 0
+    other = Client(prog).connect()
+    _, osid = create_file(other, "other-open")
+    r = other.ok(op_putfh(fh), op_open(None, access=3, create=None))
+    osid = r[2]["stateid"]
+    assert isinstance(osid, StateId)
+    # a write lock of another owner overlapping [10, 30) is denied, with the holder named
+    deny = other(op_putfh(fh), op_lockt(b"lo2", 1, 25, 10))
+    assert deny.status == Stat.DENIED
+    assert deny[2]["denied"] == (10, 20, 2, c.clientid, b"lo1")
+    assert other(op_putfh(fh), op_lock_new(osid, b"lo2", 1, 0, 10)).status == 0  # no overlap
+    assert other(op_putfh(fh), op_lockt(b"lo2", 2, 29, 0xFFFFFFFFFFFFFFFF)).status == \
+        Stat.DENIED
+    assert other(op_putfh(fh), op_lockt(b"lo2", 2, 30, 5)).status == 0
+    assert other(op_putfh(fh), op_lockt(b"lo2", 2, 0, 0)).status == Stat.INVAL
+    # the holder unlocks; CLOSE with locks held is refused until then
+    r = c(op_putfh(fh), op_lockt(b"nobody", 2, 0, 5))
+    assert r.status == Stat.DENIED  # lo2 holds [0, 10) as a read lock
+    assert c(op_putfh(fh), op_close(sid)).status == Stat.LOCKS_HELD
+    current = StateId(1, bytes(12))
+    r = c(op_putfh(fh), op_lock_new(sid, b"lo1", 2, 50, 1), op_locku(current, 0,
+                                                                   0xFFFFFFFFFFFFFFFF))
+    assert r.status == 0
+    assert other(op_putfh(fh), op_lockt(b"lo2", 2, 10, 20)).status == 0
+    assert c(op_putfh(fh), op_close(sid)).status == 0
