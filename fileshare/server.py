@@ -24,7 +24,7 @@ Invariants:
   after the client reconnected, gets the first reply again instead of running twice (a REMOVE
   retried after a lost reply answers OK, not NOENT); one arriving while the first still runs is
   dropped (the client retransmits again). Bounded: ``DRC_ENTRIES`` replies of at most
-  ``DRC_REPLY_MAX`` bytes, least recently used first out.
+  ``DRC_REPLY_MAX`` bytes kept ``DRC_TTL`` seconds, oldest first out.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ _DISCARD = bytearray(64 * 1024)  # where bytes of a connection being dropped go
 
 DRC_ENTRIES = 4096
 DRC_REPLY_MAX = 4096
+DRC_TTL = 120.0
 NFS_PROG = 100003
 NFS3_NON_IDEMPOTENT = frozenset((3, proc) for proc in (2, 8, 9, 10, 11, 12, 13, 14, 15))
 """(version, procedure) of NFS v3 SETATTR, CREATE, MKDIR, SYMLINK, MKNOD, REMOVE, RMDIR,
@@ -69,36 +70,43 @@ DrcKey = tuple[str, int, int, int, int, int]
 
 
 class DuplicateRequestCache:
-    """Replies of non-idempotent calls, keyed by caller and arguments (event-loop thread only)."""
+    """Replies of non-idempotent calls, keyed by caller and arguments (event-loop thread only).
 
-    def __init__(self, max_entries: int = DRC_ENTRIES) -> None:
+    Entries live ``ttl`` seconds (as in Linux's nfsd), so an xid a client reuses much later is
+    a new call; ``now`` is the caller's monotonic clock.
+    """
+
+    def __init__(self, max_entries: int = DRC_ENTRIES, ttl: float = DRC_TTL) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[DrcKey, Parts | None] = OrderedDict()
+        self.ttl = ttl
+        self._entries: OrderedDict[DrcKey, tuple[float, Parts | None]] = OrderedDict()
 
     @staticmethod
     def key(call: RpcCall) -> DrcKey:
         return (call.client_host, call.xid, call.prog, call.vers, call.proc,
                 zlib.crc32(call.body))
 
-    def lookup(self, key: DrcKey) -> Parts | None:
+    def lookup(self, key: DrcKey, now: float) -> Parts | None:
         """The cached reply; an empty list while the first such call still runs; or None (a
         new call, now recorded as running)."""
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return list(self._entries[key] or ())
-        self._entries[key] = None
+        entry = self._entries.get(key)
+        if entry is not None and now - entry[0] <= self.ttl:
+            return list(entry[1] or ())
+        self._entries[key] = (now, None)
+        self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return None
 
     def finish(self, key: DrcKey, reply: Parts | None) -> None:
         """Keep ``reply`` (None: forget the call, e.g. it never ran)."""
-        if key not in self._entries:
+        entry = self._entries.get(key)
+        if entry is None:
             return
         if reply is None or sum(len(p) for p in reply) > DRC_REPLY_MAX:
             del self._entries[key]
         else:
-            self._entries[key] = [bytes(p) for p in reply]
+            self._entries[key] = (entry[0], [bytes(p) for p in reply])
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -187,7 +195,7 @@ class RpcServer:
         if (call.vers, call.proc) not in cached:
             return asyncio.get_running_loop().run_in_executor(self._pool, _run, program, call)
         key = self.drc.key(call)
-        reply = self.drc.lookup(key)
+        reply = self.drc.lookup(key, asyncio.get_running_loop().time())
         if reply is not None:
             log.info("RPC retransmission from %s (xid %#x, procedure %d): %s", call.client_host,
                      call.xid, call.proc, "still running, dropped" if not reply else "replayed")

@@ -435,3 +435,22 @@ def test_duplicate_request_cache() -> None:
     finally:
         c.close()
         r.stop()
+
+
+def test_duplicate_request_cache_bounds() -> None:
+    from fileshare.server import DRC_REPLY_MAX, DuplicateRequestCache
+
+    drc = DuplicateRequestCache(max_entries=2, ttl=10)
+    keys = [("h", xid, 1, 1, 1, 0) for xid in range(4)]
+    assert drc.lookup(keys[0], 0.0) is None
+    assert drc.lookup(keys[0], 1.0) == []  # still running
+    drc.finish(keys[0], [b"reply"])
+    assert drc.lookup(keys[0], 5.0) == [b"reply"]
+    assert drc.lookup(keys[0], 10.5) is None  # expired: a new call
+    drc.finish(keys[0], [b"x" * (DRC_REPLY_MAX + 1)])  # too big to keep
+    assert drc.lookup(keys[0], 11.0) is None
+    drc.lookup(keys[1], 11.0)
+    drc.lookup(keys[2], 11.0)
+    assert len(drc) == 2  # the oldest went
+    drc.finish(keys[3], [b"never started"])
+    assert drc.lookup(keys[3], 12.0) is None
