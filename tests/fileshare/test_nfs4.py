@@ -854,3 +854,65 @@ def test_byte_range_locks(c: Client, prog: Nfs4Program) -> None:
     assert r.status == 0
     assert other(op_putfh(fh), op_lockt(b"lo2", 2, 10, 20)).status == 0
     assert c(op_putfh(fh), op_close(sid)).status == 0
+
+
+# ------------------------------------------------------------------------- tests: robustness
+
+
+def test_nfs4_codecs_and_state_stay_pure() -> None:
+    from tests.test_layering import PURE_FORBIDDEN, ROOT, imports, offending
+
+    for module in ("fileshare/nfs4types.py", "fileshare/nfs4state.py"):
+        assert offending(imports(ROOT / module), PURE_FORBIDDEN) == [], module
+
+
+def _valid_compound(c: Client) -> bytes:
+    fh, sid = create_file(c, "fuzz", b"0123456789")
+    p = Packer()
+    p.opaque(b"fuzz")
+    p.uint(1)
+    ops = [op_sequence(c.sessionid, c.seq + 1), op_putfh(fh), op_read(sid, 0, 5),
+           op_write(sid, 3, b"abc"), op_getattr(A.SIZE, A.MODE), *HOME,
+           op_open("n", create=3, verifier=b"V" * 8, attrs={A.MODE: _mode(0o600)}),
+           op_readdir(), op_setattr(sid, {A.SIZE: lambda q: q.uhyper(2)})]
+    p.uint(len(ops))
+    for o in ops:
+        p.raw(o)
+    return p.getvalue()
+
+
+def _check_reply(c: Client, body: bytes) -> None:
+    try:
+        reply = c.raw(body)
+    except (RpcError, AuthError):
+        return
+    u = Unpacker(reply)
+    status = u.uint()
+    assert status != Stat.SERVERFAULT
+    u.opaque()
+    assert u.uint() <= 1024
+
+
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    pass
+else:
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(data=st.binary(max_size=400))
+    def test_fuzz_arbitrary_bytes_only_our_errors(c: Client, data: bytes) -> None:
+        _check_reply(c, data)
+
+    @settings(max_examples=300, deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
+           cut=st.integers(0, 10_000))
+    def test_fuzz_mutated_compounds_never_fault(c: Client, flips: list[tuple[int, int]],
+                                                cut: int) -> None:
+        c = Client(c.prog).connect()  # a session of its own: the mutated SEQUENCE may stick
+        body = bytearray(_valid_compound(c))
+        for pos, value in flips:
+            body[pos % len(body)] = value
+        _check_reply(c, bytes(body[:max(12, cut % (len(body) + 1))]))
