@@ -219,6 +219,15 @@ def _principal(call: RpcCall) -> tuple[object, ...]:
     return (int(call.flavor),)
 
 
+def _utf8(raw: bytes) -> bool:
+    """Valid UTF-8 of characters (no noncharacters U+FFFE/U+FFFF), as names and tags must be."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return "\ufffe" not in text and "\uffff" not in text
+
+
 def check_name(name: str) -> str:
     """A component4 as LOOKUP/OPEN/CREATE/REMOVE/RENAME take it (RFC 8881 14.5)."""
     raw = name.encode("utf-8", "surrogateescape")
@@ -226,10 +235,8 @@ def check_name(name: str) -> str:
         raise Nfs4Error(Stat.INVAL, "empty name")
     if len(raw) > MAX_NAME:
         raise Nfs4Error(Stat.NAMETOOLONG)
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Nfs4Error(Stat.INVAL, "name is not UTF-8") from None
+    if not _utf8(raw):
+        raise Nfs4Error(Stat.INVAL, "name is not UTF-8")
     if name in (".", ".."):
         raise Nfs4Error(Stat.BADNAME)
     if "/" in name or "\0" in name:
@@ -302,6 +309,8 @@ class Nfs4Program:
             raise RpcError(AcceptStat.GARBAGE_ARGS, message=str(exc)) from None
         if minor != MINOR_VERSION:
             return _compound_reply(Stat.MINOR_VERS_MISMATCH, tag, [])
+        if not _utf8(tag):
+            return _compound_reply(Stat.INVAL, tag, [])
         if nops > MAX_COMPOUND_OPS or nops * 4 > u.remaining():
             raise RpcError(AcceptStat.GARBAGE_ARGS, message=f"{nops} operations")
         ctx = _Ctx(call, cred, nops=nops)
@@ -638,7 +647,7 @@ class Nfs4Program:
         with self._lock:
             if ctx.session is not None and ctx.session.sessionid == sessionid \
                     and ctx.index != ctx.nops - 1:
-                raise Nfs4Error(Stat.BADSESSION, "DESTROY_SESSION of its own session not last")
+                raise Nfs4Error(Stat.NOT_ONLY_OP, "DESTROY_SESSION of its own session not last")
             self.state.destroy_session(sessionid)
         return b""
 

@@ -697,6 +697,8 @@ def test_create_other_types_badtype_and_names(c: Client) -> None:
     assert c(*HOME, op_lookup("a/b")).status == Stat.BADCHAR
     assert c(*HOME, op_lookup("n" * 256)).status == Stat.NAMETOOLONG
     assert c(*HOME, op_lookup(b"\xff\xfe")).status == Stat.INVAL
+    assert c(*HOME, op_lookup("\ufffe")).status == Stat.INVAL
+    assert c.send([op_putrootfh()], tag=b"\xc0\xc1").status == Stat.INVAL
 
 
 def test_setattr_mode_size_owner(c: Client) -> None:
