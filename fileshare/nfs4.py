@@ -86,6 +86,7 @@ from fileshare.nfs4types import (
     FILE_SYNC4,
     GUARDED4,
     INVALID_STATEID,
+    MAX_FILE_SIZE,
     MAX_NAME,
     NF4BLK,
     NF4CHR,
@@ -953,6 +954,8 @@ class Nfs4Program:
         if attrs.changes.size is not None:
             if self._attr(ref).type == FileType.DIR:
                 raise Nfs4Error(Stat.ISDIR)
+            if attrs.changes.size > MAX_FILE_SIZE:
+                raise Nfs4Error(Stat.FBIG)
             self._stateid(ctx, sid, ref, write=True)
         if attrs.bits:
             ref.fs.setattr(self._cred_for(ctx, ref), ref.handle, attrs.changes)
@@ -1194,7 +1197,7 @@ class Nfs4Program:
         ref, fs = self._file(ctx)
         if fs.getattr(ref.handle).type == FileType.DIR:
             raise Nfs4Error(Stat.ISDIR)
-        if offset + len(data) > (1 << 63) - 1:
+        if offset + len(data) > MAX_FILE_SIZE:
             raise Nfs4Error(Stat.FBIG)
         self._stateid(ctx, sid, ref, write=True)
         count, synced, _ = fs.write(self._cred_for(ctx, ref), ref.handle, offset, data,

@@ -31,6 +31,8 @@ NFS4_OPAQUE_LIMIT = 1024
 NFS4_UINT32_MAX = 0xFFFFFFFF
 MAX_BITMAP_WORDS = 8
 MAX_NAME = 255
+MAX_FILE_SIZE = 5 * 1024**4
+"""The largest file (5 TiB): one file is one object, and S3 objects stop there."""
 
 
 class Stat(enum.IntEnum):
@@ -460,7 +462,7 @@ def encode_fattr(p: Packer, src: AttrSource, requested: frozenset[int]) -> None:
         elif n == A.FILES_TOTAL:
             vals.uhyper(fsstat(3))
         elif n == A.MAXFILESIZE:
-            vals.uhyper((1 << 63) - 1)
+            vals.uhyper(MAX_FILE_SIZE)
         elif n == A.MAXLINK:
             vals.uint(1)
         elif n == A.MAXNAME:

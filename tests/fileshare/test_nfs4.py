@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
-from fileshare.fs import ExportOptions
+from fileshare.fs import ExportOptions, FsErrno, FsError
 from fileshare.nfs4 import PSEUDO_PREFIX, Nfs4Program
 from fileshare.nfs4types import A, Op, Stat, StateId, bitmap_decode, bitmap_encode
 from fileshare.rpc import AcceptStat, AuthError, AuthFlavor, AuthSys, RpcCall, RpcError
@@ -586,6 +587,7 @@ def test_create_write_read_commit_close(c: Client, share: MemFs) -> None:
     r = c.ok(op_putfh(fh), op_read(sid, 6, 100))
     assert r[2] == {"eof": True, "data": b"world"}
     assert share.durable_bytes(fh) == b"hello world"
+    assert c(op_putfh(fh), op_write(sid, 5 * 1024**4, b"x")).status == Stat.FBIG
     r = c.ok(op_putfh(fh), op_close(sid))
     assert c(op_putfh(fh), op_read(sid, 0, 1)).status == Stat.BAD_STATEID
 
@@ -868,6 +870,20 @@ def test_nfs4_codecs_and_state_stay_pure() -> None:
         assert offending(imports(ROOT / module), PURE_FORBIDDEN) == [], module
 
 
+class SmallMemFs(MemFs):
+    LIMIT = 1 << 20
+
+    def write(self, cred: Any, fh: bytes, offset: int, data: Any, stable: bool) -> Any:
+        if offset + len(data) > self.LIMIT:
+            raise FsError(FsErrno.FBIG)
+        return super().write(cred, fh, offset, data, stable)
+
+    def setattr(self, cred: Any, fh: bytes, changes: Any, guard_ctime_ns: Any = None) -> Any:
+        if changes.size is not None and changes.size > self.LIMIT:
+            raise FsError(FsErrno.FBIG)
+        return super().setattr(cred, fh, changes, guard_ctime_ns)
+
+
 def _valid_compound(c: Client) -> bytes:
     fh, sid = create_file(c, "fuzz", b"0123456789")
     p = Packer()
@@ -913,7 +929,11 @@ else:
            cut=st.integers(0, 10_000))
     def test_fuzz_mutated_compounds_never_fault(c: Client, flips: list[tuple[int, int]],
                                                 cut: int) -> None:
-        c = Client(c.prog).connect()  # a session of its own: the mutated SEQUENCE may stick
+        # a session of its own (the mutated SEQUENCE may stick) on a share that keeps files
+        # small: MemFs holds files in memory, a flipped offset byte would ask for terabytes
+        ex = MemExports()
+        ex.add("/share1", SmallMemFs("small", 5), ExportOptions(squash="none"))
+        c = Client(Nfs4Program(ex)).connect()
         body = bytearray(_valid_compound(c))
         for pos, value in flips:
             body[pos % len(body)] = value
