@@ -151,30 +151,46 @@ class RpcServer:
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Listen; with ``udp`` and port 0, a port free for both TCP and UDP is found."""
+        requested = self.port
+        tries = 8 if requested == 0 and self.udp else 1
+        for attempt in range(tries):
+            try:
+                await self._listen(requested)
+                break
+            except OSError:
+                await self._close_listeners()
+                self.port = requested
+                if attempt == tries - 1:
+                    raise
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.max_workers, thread_name_prefix="rpc")
+        log.info("RPC programs %s on %s port %d%s", sorted(self.programs), self.host,
+                 self.port, " (TCP and UDP)" if self.udp else "")
+
+    async def _listen(self, port: int) -> None:
+        loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _RpcStream(self), self.host, self.port, reuse_address=True)
+            lambda: _RpcStream(self), self.host, port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         if self.udp:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             self._udp_transport, _ = await loop.create_datagram_endpoint(
                 lambda: _RpcDatagram(self), local_addr=(self.host, self.port), family=family)
-        log.info("RPC programs %s on %s port %d%s", sorted(self.programs), self.host,
-                 self.port, " (TCP and UDP)" if self.udp else "")
 
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
+    async def _close_listeners(self) -> None:
         if self._udp_transport is not None:
             self._udp_transport.close()
             self._udp_transport = None
-        for conn in list(self._conns):
-            conn.abort()
         if self._server is not None:
+            self._server.close()
+            for conn in list(self._conns):
+                conn.abort()
             await self._server.wait_closed()
             self._server = None
+
+    async def stop(self) -> None:
+        await self._close_listeners()
         pool, self._pool = self._pool, None
         if pool is not None:
             # Queued calls are dropped; running ones finish before stop() returns.

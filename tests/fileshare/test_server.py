@@ -454,3 +454,27 @@ def test_duplicate_request_cache_bounds() -> None:
     assert len(drc) == 2  # the oldest went
     drc.finish(keys[3], [b"never started"])
     assert drc.lookup(keys[3], 12.0) is None
+
+
+def test_start_fails_cleanly_when_the_port_is_taken() -> None:
+    async def main() -> None:
+        holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+        try:
+            server = RpcServer([EchoProgram()], "127.0.0.1", port, udp=True)  # type: ignore[list-item]
+            with pytest.raises(OSError):
+                await server.start()
+            # Nothing left listening on TCP either, and stop() is harmless.
+            await server.stop()
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", port))
+        finally:
+            holder.close()
+        # Port 0 with UDP: one port free for both is found.
+        server = RpcServer([EchoProgram()], "127.0.0.1", 0, udp=True)  # type: ignore[list-item]
+        await server.start()
+        assert server.port != 0
+        await server.stop()
+
+    asyncio.run(main())
