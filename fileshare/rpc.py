@@ -168,8 +168,9 @@ class RecordReassembler:
 
     Invariants: the mark is checked before its fragment is read, so no more than
     ``max_record`` bytes of one record (plus the scratch buffer) are ever held; a record is
-    returned only once its last fragment is complete; after a :class:`RecordError` the
-    reassembler stays broken (every call raises).
+    returned only once its last fragment is complete, and its buffer is never written again
+    (a program may keep views of it); after a :class:`RecordError` the reassembler stays broken
+    (every call raises).
     """
 
     __slots__ = ("_scratch", "_start", "_end", "_big", "_big_filled", "_big_last", "_frags",
