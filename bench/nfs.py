@@ -218,54 +218,16 @@ def _vtl_bin() -> str:
     return found
 
 
-def _find_share(doc: Any, name: str) -> dict[str, Any] | None:
-    """The object describing share ``name`` in ``vtl share list --json`` output."""
-    if isinstance(doc, dict):
-        if doc.get("name") == name:
-            return doc
-        for value in doc.values():
-            found = _find_share(value, name)
-            if found is not None:
-                return found
-    elif isinstance(doc, list):
-        for value in doc:
-            found = _find_share(value, name)
-            if found is not None:
-                return found
-    return None
-
-
-def _port(share: dict[str, Any], *words: str) -> int | None:
-    """A port from the share's JSON: the first key (nested ok) with all ``words`` and "port"."""
-    stack: list[Any] = [share]
-    while stack:
-        item = stack.pop(0)
-        if isinstance(item, dict):
-            for key, value in item.items():
-                k = key.lower()
-                if "port" in k and all(w in k for w in words) and isinstance(value, int):
-                    return value
-                if isinstance(value, (dict, list)):
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
-
-
 def share_url(share: dict[str, Any], filename: str) -> str:
-    """nfs:// URL of ``filename`` in the share, with explicit NFS and MOUNT ports when listed."""
-    export = next((share[k] for k in ("export", "export_path", "path") if isinstance(
-        share.get(k), str)), None)
-    if export is None:
-        raise Unavailable("share list --json shows no export path")
-    params = ["version=3"]
-    nfs_port = _port(share, "nfs")
-    mount_port = _port(share, "mount") or _port(share, "mnt")
-    if nfs_port:
-        params.append(f"nfsport={nfs_port}")
-    if mount_port:
-        params.append(f"mountport={mount_port}")
-    return f"nfs://127.0.0.1/{export.strip('/')}/{filename}?{'&'.join(params)}"
+    """nfs:// URL of ``filename`` in a share of ``vtl share list --json`` (path, nfs_host,
+    nfs_port, mount_port), with the ports explicit (no portmapper needed)."""
+    try:
+        path, host = str(share["path"]), str(share.get("nfs_host") or "127.0.0.1")
+        nfs_port, mount_port = int(share["nfs_port"]), int(share["mount_port"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Unavailable(f"share list --json lacks {exc}") from exc
+    return (f"nfs://{host}/{path.strip('/')}/{filename}"
+            f"?version=3&nfsport={nfs_port}&mountport={mount_port}")
 
 
 @contextmanager
@@ -290,7 +252,9 @@ def appliance_peer(work: Path, ns: str, log: Log) -> Iterator[Peer]:
                 if "no appliance answers" not in str(exc) or attempt == 19:
                     raise
                 time.sleep(0.5)
-        share = _find_share(json.loads(_run(vtl, "share", "list", *d, "--json")), "bench")
+        shares = json.loads(_run(vtl, "share", "list", *d, "--json"))
+        share = next((s for s in shares if isinstance(s, dict) and s.get("name") == "bench"),
+                     None)
         if share is None:
             raise Unavailable("share list --json does not show the share")
         url = share_url(share, "bench.bin")
