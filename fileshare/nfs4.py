@@ -2,11 +2,14 @@
 
 :class:`Nfs4Program` answers RPC program 100003 version 4: NULL and COMPOUND. Only minor
 version 1 is served; COMPOUNDs of minor versions 0 and 2 get NFS4ERR_MINOR_VERS_MISMATCH.
+This module holds the COMPOUND loop, the session operations (EXCHANGE_ID ... RECLAIM_COMPLETE),
+OPEN/CLOSE/OPEN_DOWNGRADE and byte-range locks; the file-handle operations are
+:class:`fileshare.nfs4files.FileOps`, the wire types ``nfs4types``, the state ``nfs4state``.
 
 The name space the client sees (RFC 8881 7.3): a read-only pseudo file system whose
 directories are the components of the export paths (``/share1``, ``/a/b``); looking up an
 export's last component crosses into that share's root. Pseudo handles start with
-:data:`PSEUDO_PREFIX`; every other handle is the share's own, found with
+:data:`PSEUDO_PREFIX` (``nfs4files``); every other handle is the share's own, found with
 ``exports.by_handle`` and stable across restarts.
 
 Invariants:
@@ -18,36 +21,41 @@ Invariants:
   outside the protocol answers OP_ILLEGAL; operations not implemented answer NFS4ERR_NOTSUPP.
 - The client's AUTH_SYS credential is squashed by the share's policy before any file system
   call; clients outside a share's CIDRs get NFS4ERR_ACCESS for anything inside it.
-- No delegations are ever granted (OPEN_DELEGATE_NONE), no back channel is used.
+- No delegations are ever granted (OPEN_DELEGATE_NONE); a back channel may be bound but is
+  never called on.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from fileshare.fs import (
-    ACCESS_DELETE,
-    ACCESS_EXECUTE,
-    ACCESS_EXTEND,
-    ACCESS_LOOKUP,
     ACCESS_MODIFY,
     ACCESS_READ,
     Attr,
     CreateMode,
     Cred,
-    ExportOptions,
     Exports,
     FileSystem,
     FileType,
     FsErrno,
     FsError,
     SetAttr,
+)
+from fileshare.nfs4files import (
+    PSEUDO_PREFIX,
+    FhRef,
+    FileOps,
+    Nfs4Error,
+    OpCtx,
+    _raise,
+    check_name,
+    fs_status,
+    utf8_ok,
 )
 from fileshare.nfs4state import (
     MAX_OPS,
@@ -57,13 +65,10 @@ from fileshare.nfs4state import (
     READW_LT,
     WRITE_LT,
     WRITEW_LT,
-    Client,
     LockConflict,
     LockDenied,
     LockState,
     OpenState,
-    Session,
-    Slot,
     StateError,
     StateTable,
 )
@@ -83,16 +88,8 @@ from fileshare.nfs4types import (
     EXCLCREAT,
     EXCLUSIVE4,
     EXCLUSIVE4_1,
-    FILE_SYNC4,
     GUARDED4,
     INVALID_STATEID,
-    MAX_FILE_SIZE,
-    MAX_NAME,
-    NF4BLK,
-    NF4CHR,
-    NF4DIR,
-    NF4LNK,
-    NFS4_FHSIZE,
     NFS4_OPAQUE_LIMIT,
     NFS4_SESSIONID_SIZE,
     NFS4_VERIFIER_SIZE,
@@ -105,19 +102,13 @@ from fileshare.nfs4types import (
     OPEN4_SHARE_ACCESS_WRITE,
     OPEN_DELEGATE_NONE,
     OPEN_DELEGATE_NONE_EXT,
-    SECINFO_STYLE4_CURRENT_FH,
-    SECINFO_STYLE4_PARENT,
     SP4_NONE,
-    SUPPORTED,
     UNCHECKED4,
-    UNSTABLE4,
     WND4_CANCELLED,
-    WND4_NOT_WANTED,
     WND4_NOT_SUPP_FTYPE,
-    WRITE_ONLY,
+    WND4_NOT_WANTED,
     A,
     AttrError,
-    AttrSource,
     ChannelAttrs,
     DecodedAttrs,
     Op,
@@ -126,28 +117,24 @@ from fileshare.nfs4types import (
     bitmap_decode,
     bitmap_encode,
     decode_settable,
-    encode_fattr,
-    fattr_bytes,
     pack_change_info,
     pack_time,
 )
 from fileshare.rpc import AcceptStat, AuthError, AuthFlavor, AuthStat, RpcCall, RpcError
 from fileshare.xdr import Packer, Unpacker, XdrError
 
+__all__ = ["Nfs4Program", "PSEUDO_PREFIX", "Nfs4Error", "fs_status"]
+
 log = logging.getLogger(__name__)
 
 NFS_PROGRAM = 100003
 NFS_V4 = 4
 MINOR_VERSION = 1
-PSEUDO_PREFIX = b"\x00vtl-nfs4-pseudo\x00"
-PSEUDO_FSID = (0xFFFFFFFF, 0xFFFFFFFF)
 DEFAULT_MAXIO = 1 << 20
 MAX_COMPOUND_OPS = 1024
 CDFC4_FORE, CDFC4_BACK, CDFC4_FORE_OR_BOTH, CDFC4_BACK_OR_BOTH = 1, 2, 3, 7
 CDFS4_FORE, CDFS4_BACK, CDFS4_BOTH = 1, 2, 3
 RPC_REPLY_HEADER = 24  # xid, REPLY, MSG_ACCEPTED, AUTH_NONE verifier, SUCCESS
-ACCESS4_ALL = (ACCESS_READ | ACCESS_LOOKUP | ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
-               | ACCESS_EXECUTE)
 CACHE_SMALL_REPLY = 16 * 1024
 """Replies up to this size are kept in the slot even when the client did not ask (sa_cachethis
 false), so a retransmitted small request is answered rather than refused."""
@@ -155,97 +142,13 @@ false), so a retransmitted small request is answered rather than refused."""
 _SESSIONLESS = frozenset({Op.EXCHANGE_ID, Op.CREATE_SESSION, Op.DESTROY_SESSION,
                           Op.DESTROY_CLIENTID, Op.BIND_CONN_TO_SESSION})
 
-_FS_TO_NFS4 = {
-    FsErrno.NOT_SYNC: Stat.NOT_SAME,
-    FsErrno.JUKEBOX: Stat.DELAY,
-}
-
-
-class Nfs4Error(Exception):
-    def __init__(self, stat: Stat, message: str = "") -> None:
-        super().__init__(message or stat.name)
-        self.stat = stat
-
-
-def fs_status(exc: FsError) -> Stat:
-    """nfsstat4 for a file system error (the numbers agree with NFS v3 but for a few)."""
-    mapped = _FS_TO_NFS4.get(exc.errno)
-    if mapped is not None:
-        return mapped
-    try:
-        return Stat(int(exc.errno))
-    except ValueError:
-        return Stat.SERVERFAULT
-
-
-@dataclass(frozen=True, slots=True)
-class FhRef:
-    """A resolved current/saved file handle: a share object or a pseudo directory."""
-
-    handle: bytes
-    fs: FileSystem | None = None
-    opts: ExportOptions | None = None
-    pseudo: str | None = None  # the pseudo path ("/", "/a") for pseudo directories
-    export: str = ""  # the share's export path, for share objects
-
-
-@dataclass
-class _Ctx:
-    call: RpcCall
-    cred: Cred
-    session: Session | None = None
-    slot: Slot | None = None
-    cachethis: bool = False
-    cur: FhRef | None = None
-    saved: FhRef | None = None
-    cur_sid: StateId | None = None
-    saved_sid: StateId | None = None
-    nops: int = 0
-    index: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def client(self) -> Client | None:
-        return self.session.client if self.session else None
-
-    def fh(self) -> FhRef:
-        if self.cur is None:
-            raise Nfs4Error(Stat.NOFILEHANDLE)
-        return self.cur
-
-
 def _principal(call: RpcCall) -> tuple[object, ...]:
     if call.cred is not None:
         return (int(call.flavor), call.cred.uid)
     return (int(call.flavor),)
 
 
-def _utf8(raw: bytes) -> bool:
-    """Valid UTF-8 of characters (no noncharacters U+FFFE/U+FFFF), as names and tags must be."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return "\ufffe" not in text and "\uffff" not in text
-
-
-def check_name(name: str) -> str:
-    """A component4 as LOOKUP/OPEN/CREATE/REMOVE/RENAME take it (RFC 8881 14.5)."""
-    raw = name.encode("utf-8", "surrogateescape")
-    if not raw:
-        raise Nfs4Error(Stat.INVAL, "empty name")
-    if len(raw) > MAX_NAME:
-        raise Nfs4Error(Stat.NAMETOOLONG)
-    if not _utf8(raw):
-        raise Nfs4Error(Stat.INVAL, "name is not UTF-8")
-    if name in (".", ".."):
-        raise Nfs4Error(Stat.BADNAME)
-    if "/" in name or "\0" in name:
-        raise Nfs4Error(Stat.BADCHAR)
-    return name
-
-
-class Nfs4Program:
+class Nfs4Program(FileOps):
     """RPC program 100003 version 4 (minor version 1) over the shares of ``exports``."""
 
     prog = NFS_PROGRAM
@@ -262,7 +165,7 @@ class Nfs4Program:
         self.state = StateTable(boot or os.urandom(4), lease_time)
         self.boot_ns = time.time_ns()
         self._lock = threading.Lock()
-        self._ops: dict[int, Callable[[_Ctx, Unpacker], bytes]] = {
+        self._ops: dict[int, Callable[[OpCtx, Unpacker], bytes]] = {
             Op.ACCESS: self._access, Op.CLOSE: self._close, Op.COMMIT: self._commit,
             Op.CREATE: self._create, Op.GETATTR: self._getattr, Op.GETFH: self._getfh,
             Op.LOOKUP: self._lookup, Op.LOOKUPP: self._lookupp, Op.NVERIFY: self._nverify,
@@ -310,11 +213,11 @@ class Nfs4Program:
             raise RpcError(AcceptStat.GARBAGE_ARGS, message=str(exc)) from None
         if minor != MINOR_VERSION:
             return _compound_reply(Stat.MINOR_VERS_MISMATCH, tag, [])
-        if not _utf8(tag):
+        if not utf8_ok(tag):
             return _compound_reply(Stat.INVAL, tag, [])
         if nops > MAX_COMPOUND_OPS or nops * 4 > u.remaining():
             raise RpcError(AcceptStat.GARBAGE_ARGS, message=f"{nops} operations")
-        ctx = _Ctx(call, cred, nops=nops)
+        ctx = OpCtx(call, cred, nops=nops)
         results: list[bytes] = []
         status = Stat.OK
         size = RPC_REPLY_HEADER + 12 + len(tag) + (-len(tag)) % 4
@@ -349,7 +252,7 @@ class Nfs4Program:
         return reply
 
     @staticmethod
-    def _reply_limit(ctx: _Ctx, size: int) -> Stat | None:
+    def _reply_limit(ctx: OpCtx, size: int) -> Stat | None:
         """REP_TOO_BIG / REP_TOO_BIG_TO_CACHE once the reply outgrows the session's limits."""
         assert ctx.session is not None
         fore = ctx.session.fore
@@ -359,7 +262,7 @@ class Nfs4Program:
             return Stat.REP_TOO_BIG_TO_CACHE
         return None
 
-    def _one(self, ctx: _Ctx, opnum: int, u: Unpacker, i: int, nops: int
+    def _one(self, ctx: OpCtx, opnum: int, u: Unpacker, i: int, nops: int
              ) -> tuple[Stat, bytes, bytes | None]:
         """Run one operation: (status, encoded nfs_resop4, whole cached reply for a replay)."""
         try:
@@ -399,141 +302,9 @@ class Nfs4Program:
             body = bytes(ctx.extra.pop("denied", b""))  # type: ignore[arg-type]
         return stat, _resop(op, stat, body), None
 
-    # ------------------------------------------------------------------ helpers
-
-    def _pseudo_tree(self) -> tuple[dict[str, FhRef], set[str]]:
-        """(export path -> share root ref, pseudo directory paths)."""
-        shares: dict[str, FhRef] = {}
-        dirs = {"/"}
-        for path, fs, opts in self.exports.exports():
-            norm = "/" + "/".join(p for p in path.split("/") if p)
-            shares[norm] = FhRef(fs.root_handle(), fs, opts, None, norm)
-            parts = [p for p in norm.split("/") if p]
-            for k in range(len(parts)):
-                dirs.add("/" + "/".join(parts[:k]))
-        return shares, dirs
-
-    def _pseudo_ref(self, ctx: _Ctx, path: str) -> FhRef:
-        """The pseudo directory at ``path``, or the share exported there."""
-        shares, _ = self._pseudo_tree()
-        if path in shares:
-            return self._enter(ctx, shares[path])
-        return self._pseudo_dir(path)
-
-    def _enter(self, ctx: _Ctx, ref: FhRef) -> FhRef:
-        if not self._allowed(ctx, ref):
-            raise Nfs4Error(Stat.ACCESS, "client not allowed by the share")
-        return ref
-
-    def _resolve(self, ctx: _Ctx, handle: bytes) -> FhRef:
-        if handle.startswith(PSEUDO_PREFIX):
-            path = handle[len(PSEUDO_PREFIX):].decode("utf-8", "surrogateescape")
-            _, dirs = self._pseudo_tree()
-            if path not in dirs:
-                raise Nfs4Error(Stat.STALE)
-            return self._pseudo_ref(ctx, path)
-        found = self.exports.by_handle(handle)
-        if found is None:
-            raise Nfs4Error(Stat.BADHANDLE)
-        fs, opts = found
-        if not self.exports.allowed(opts, ctx.call.client_host):
-            raise Nfs4Error(Stat.ACCESS, "client not allowed by the share")
-        try:
-            fs.getattr(handle)  # STALE / BADHANDLE now rather than later
-        except FsError as exc:
-            # a file removed while open keeps its handle for CLOSE (RFC 8881 18.20)
-            with self._lock:
-                if exc.errno != FsErrno.STALE or handle not in self.state.by_file:
-                    raise
-        export = next((p for p, f, _ in self.exports.exports() if f is fs), "")
-        return FhRef(handle, fs, opts, None, "/" + "/".join(x for x in export.split("/") if x))
-
-    def _cred_for(self, ctx: _Ctx, ref: FhRef) -> Cred:
-        if ref.opts is None:
-            return ctx.cred
-        if ctx.call.flavor == AuthFlavor.AUTH_NONE:
-            return Cred(ref.opts.anon_uid, ref.opts.anon_gid)
-        return self.exports.squash(ref.opts, ctx.cred)
-
-    def _pseudo_attr(self, path: str) -> Attr:
-        digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
-        fileid = int.from_bytes(digest, "big") | (1 << 63)
-        if path == "/":
-            fileid = 1 << 63
-        return Attr(FileType.DIR, 0o555, 2, 0, 0, 4096, 4096, 0, fileid, self.boot_ns,
-                    self.boot_ns, self.boot_ns, self.boot_ns)
-
-    def _attr(self, ref: FhRef) -> Attr:
-        if ref.fs is None:
-            return self._pseudo_attr(ref.pseudo or "/")
-        return ref.fs.getattr(ref.handle)
-
-    def _source(self, ref: FhRef, attr: Attr | None = None) -> AttrSource:
-        attr = attr or self._attr(ref)
-        if ref.fs is None:
-            return AttrSource(attr, ref.handle, PSEUDO_FSID, self.lease_time, self.maxio,
-                              self.maxio, attr.fileid)
-        fs = ref.fs
-        mounted_on = attr.fileid
-        if ref.handle == fs.root_handle() and ref.export not in ("", "/"):
-            mounted_on = self._pseudo_attr(ref.export).fileid
-
-        def stat() -> tuple[int, int, int, int, int, int]:
-            s = fs.fsstat()
-            return (s.total_bytes, s.free_bytes, s.avail_bytes, s.total_files, s.free_files,
-                    s.avail_files)
-
-        return AttrSource(attr, ref.handle, (fs.fsid, 0), self.lease_time, self.maxio,
-                          self.maxio, mounted_on, stat)
-
-    def _dir(self, ctx: _Ctx) -> FhRef:
-        ref = ctx.fh()
-        if ref.fs is not None and self._attr(ref).type != FileType.DIR:
-            raise Nfs4Error(Stat.NOTDIR)
-        return ref
-
-    def _share_dir(self, ctx: _Ctx) -> tuple[FhRef, FileSystem]:
-        """The current fh as a share directory a mutation may touch."""
-        ref = self._dir(ctx)
-        if ref.fs is None:
-            raise Nfs4Error(Stat.ROFS, "the pseudo file system is read-only")
-        return ref, ref.fs
-
-    def _child(self, ctx: _Ctx, ref: FhRef, name: str) -> FhRef:
-        if ref.fs is None:
-            path = (ref.pseudo or "/").rstrip("/") + "/" + name
-            shares, dirs = self._pseudo_tree()
-            if path in shares:
-                return self._enter(ctx, shares[path])
-            if path in dirs:
-                return self._pseudo_dir(path)
-            raise Nfs4Error(Stat.NOENT)
-        handle, _ = ref.fs.lookup(self._cred_for(ctx, ref), ref.handle, name)
-        return FhRef(handle, ref.fs, ref.opts, None, ref.export)
-
-    def _allowed(self, ctx: _Ctx, ref: FhRef) -> bool:
-        return ref.opts is not None and self.exports.allowed(ref.opts, ctx.call.client_host)
-
-    def _stateid(self, ctx: _Ctx, sid: StateId, ref: FhRef, write: bool) -> None:
-        """Check a READ/WRITE/SETATTR stateid against the current file (RFC 8881 8.2.2)."""
-        if sid.is_current:
-            if ctx.cur_sid is None:
-                raise Nfs4Error(Stat.BAD_STATEID)
-            sid = ctx.cur_sid
-        with self._lock:
-            if sid.is_anonymous or sid.is_bypass:
-                if write and self.state.denied(ref.handle, OPEN4_SHARE_ACCESS_WRITE):
-                    raise Nfs4Error(Stat.LOCKED)
-                return
-            st = self.state.find(sid, ctx.client)
-        if st.fh != ref.handle:
-            raise Nfs4Error(Stat.BAD_STATEID, "stateid of another file")
-        if write and not st.access & OPEN4_SHARE_ACCESS_WRITE:
-            raise Nfs4Error(Stat.OPENMODE)
-
     # ------------------------------------------------------------------ session operations
 
-    def _exchange_id(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _exchange_id(self, ctx: OpCtx, u: Unpacker) -> bytes:
         verifier = u.fopaque(NFS4_VERIFIER_SIZE)
         owner = u.opaque(NFS4_OPAQUE_LIMIT)
         flags = u.uint()
@@ -570,7 +341,7 @@ class Nfs4Program:
         pack_time(p, 0)
         return p.getvalue()
 
-    def _create_session(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _create_session(self, ctx: OpCtx, u: Unpacker) -> bytes:
         clientid = u.uhyper()
         seq = u.uint()
         flags = u.uint()
@@ -615,7 +386,7 @@ class Nfs4Program:
             self.state.create_session_done(c, Stat.OK, body)
         return body
 
-    def _sequence(self, ctx: _Ctx, u: Unpacker) -> tuple[Stat, bytes, bytes | None]:
+    def _sequence(self, ctx: OpCtx, u: Unpacker) -> tuple[Stat, bytes, bytes | None]:
         try:
             sessionid = u.fopaque(NFS4_SESSIONID_SIZE)
             seqid = u.uint()
@@ -643,7 +414,7 @@ class Nfs4Program:
         p.uint(0)  # sr_status_flags
         return Stat.OK, _resop(Op.SEQUENCE, Stat.OK, p.getvalue()), None
 
-    def _destroy_session(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _destroy_session(self, ctx: OpCtx, u: Unpacker) -> bytes:
         sessionid = u.fopaque(NFS4_SESSIONID_SIZE)
         with self._lock:
             if ctx.session is not None and ctx.session.sessionid == sessionid \
@@ -652,7 +423,7 @@ class Nfs4Program:
             self.state.destroy_session(sessionid)
         return b""
 
-    def _bind_conn_to_session(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _bind_conn_to_session(self, ctx: OpCtx, u: Unpacker) -> bytes:
         """RFC 8881 18.34: every connection serves every session here (no per-connection
         binding is kept), so any binding succeeds; the back channel is never called on."""
         sessionid = u.fopaque(NFS4_SESSIONID_SIZE)
@@ -669,13 +440,13 @@ class Nfs4Program:
         p.bool(False)
         return p.getvalue()
 
-    def _destroy_clientid(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _destroy_clientid(self, ctx: OpCtx, u: Unpacker) -> bytes:
         clientid = u.uhyper()
         with self._lock:
             self.state.destroy_clientid(clientid)
         return b""
 
-    def _reclaim_complete(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _reclaim_complete(self, ctx: OpCtx, u: Unpacker) -> bytes:
         one_fs = u.bool()
         c = ctx.client
         assert c is not None
@@ -688,14 +459,14 @@ class Nfs4Program:
             c.reclaim_complete = True
         return b""
 
-    def _test_stateid(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _test_stateid(self, ctx: OpCtx, u: Unpacker) -> bytes:
         sids = u.array(lambda: StateId.unpack(u), max_items=1024)
         p = Packer()
         with self._lock:
             p.array([self.state.status(s, ctx.client) for s in sids], p.enum)
         return p.getvalue()
 
-    def _free_stateid(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _free_stateid(self, ctx: OpCtx, u: Unpacker) -> bytes:
         sid = StateId.unpack(u)
         if sid.is_current:
             sid = ctx.cur_sid or _raise(Stat.BAD_STATEID)
@@ -731,13 +502,13 @@ class Nfs4Program:
         p.opaque(d.owner)
         return p.getvalue()
 
-    def _lock_file(self, ctx: _Ctx) -> FhRef:
+    def _lock_file(self, ctx: OpCtx) -> FhRef:
         ref = ctx.fh()
         if ref.fs is None or self._attr(ref).type == FileType.DIR:
             raise Nfs4Error(Stat.ISDIR)
         return ref
 
-    def _op_lock(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _op_lock(self, ctx: OpCtx, u: Unpacker) -> bytes:
         locktype = u.enum()
         reclaim = u.bool()
         offset = u.uhyper()
@@ -786,7 +557,7 @@ class Nfs4Program:
         new.pack(p)
         return p.getvalue()
 
-    def _lockt(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _lockt(self, ctx: OpCtx, u: Unpacker) -> bytes:
         locktype = u.enum()
         offset = u.uhyper()
         length = u.uhyper()
@@ -806,7 +577,7 @@ class Nfs4Program:
             raise Nfs4Error(Stat.DENIED)
         return b""
 
-    def _locku(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _locku(self, ctx: OpCtx, u: Unpacker) -> bytes:
         locktype = u.enum()
         u.uint()
         sid = StateId.unpack(u)
@@ -828,158 +599,9 @@ class Nfs4Program:
         new.pack(p)
         return p.getvalue()
 
-    # ------------------------------------------------------------------ file handles
-
-    def _putrootfh(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        ctx.cur = self._pseudo_ref(ctx, "/")
-        ctx.cur_sid = None
-        return b""
-
-    def _putfh(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        handle = u.opaque(NFS4_FHSIZE)
-        if not handle:
-            raise Nfs4Error(Stat.BADHANDLE)
-        ctx.cur = self._resolve(ctx, handle)
-        ctx.cur_sid = None
-        return b""
-
-    def _getfh(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        p = Packer()
-        p.opaque(ctx.fh().handle)
-        return p.getvalue()
-
-    def _savefh(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        ctx.saved = ctx.fh()
-        ctx.saved_sid = ctx.cur_sid
-        return b""
-
-    def _restorefh(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        if ctx.saved is None:
-            raise Nfs4Error(Stat.RESTOREFH)
-        ctx.cur = ctx.saved
-        ctx.cur_sid = ctx.saved_sid
-        return b""
-
-    def _lookup(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        name = u.string(NFS4_OPAQUE_LIMIT)
-        ref = self._dir(ctx)
-        if name == ".":
-            # NFS v4 gives "." no meaning (Linux answers BADNAME); nfs-rs looks it up to list
-            # the export root, so it names the directory itself here, as in NFS v3
-            return b""
-        ctx.cur = self._child(ctx, ref, check_name(name))
-        return b""
-
-    def _lookupp(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        ctx.cur = self._parent(ctx, self._dir(ctx))
-        return b""
-
-    def _parent(self, ctx: _Ctx, ref: FhRef) -> FhRef:
-        if ref.fs is None:
-            path = ref.pseudo or "/"
-            if path == "/":
-                raise Nfs4Error(Stat.NOENT, "the root has no parent")
-            return self._pseudo_dir(path.rsplit("/", 1)[0] or "/")
-        if ref.handle == ref.fs.root_handle():
-            if ref.export in ("", "/"):
-                raise Nfs4Error(Stat.NOENT, "the root has no parent")
-            return self._pseudo_dir(ref.export.rsplit("/", 1)[0] or "/")
-        handle, _ = ref.fs.lookup(self._cred_for(ctx, ref), ref.handle, "..")
-        return FhRef(handle, ref.fs, ref.opts, None, ref.export)
-
-    @staticmethod
-    def _pseudo_dir(path: str) -> FhRef:
-        return FhRef(PSEUDO_PREFIX + path.encode("utf-8", "surrogateescape"), pseudo=path)
-
-    def _secinfo_list(self) -> bytes:
-        p = Packer()
-        p.array([int(AuthFlavor.AUTH_SYS)], p.uint)
-        return p.getvalue()
-
-    def _secinfo(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        name = u.string(NFS4_OPAQUE_LIMIT)
-        ref = self._dir(ctx)
-        self._child(ctx, ref, check_name(name))
-        ctx.cur = None
-        return self._secinfo_list()
-
-    def _secinfo_no_name(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        style = u.enum()
-        ref = ctx.fh()
-        if style == SECINFO_STYLE4_PARENT:
-            self._parent(ctx, self._dir(ctx))
-        elif style != SECINFO_STYLE4_CURRENT_FH:
-            raise Nfs4Error(Stat.INVAL, f"secinfo style {style}")
-        del ref
-        ctx.cur = None
-        return self._secinfo_list()
-
-    # ------------------------------------------------------------------ attributes
-
-    def _getattr(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        bits = bitmap_decode(u)
-        ref = ctx.fh()
-        if bits & WRITE_ONLY:
-            raise Nfs4Error(Stat.INVAL, "write-only attribute requested")
-        return fattr_bytes(self._source(ref), bits)
-
-    def _verify_common(self, ctx: _Ctx, u: Unpacker) -> bool:
-        bits = bitmap_decode(u)
-        theirs = u.opaque()
-        ref = ctx.fh()
-        if bits - SUPPORTED:
-            raise Nfs4Error(Stat.ATTRNOTSUPP)
-        if bits & WRITE_ONLY or A.RDATTR_ERROR in bits:
-            raise Nfs4Error(Stat.INVAL)
-        ours = Unpacker(fattr_bytes(self._source(ref), bits))
-        bitmap_decode(ours)
-        return ours.opaque() == theirs
-
-    def _verify(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        if not self._verify_common(ctx, u):
-            raise Nfs4Error(Stat.NOT_SAME)
-        return b""
-
-    def _nverify(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        if self._verify_common(ctx, u):
-            raise Nfs4Error(Stat.SAME)
-        return b""
-
-    def _setattr(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        sid = StateId.unpack(u)
-        attrs = decode_settable(u)
-        ref = ctx.fh()
-        if ref.fs is None:
-            raise Nfs4Error(Stat.ROFS)
-        if attrs.changes.size is not None:
-            if self._attr(ref).type == FileType.DIR:
-                raise Nfs4Error(Stat.ISDIR)
-            if attrs.changes.size > MAX_FILE_SIZE:
-                raise Nfs4Error(Stat.FBIG)
-            self._stateid(ctx, sid, ref, write=True)
-        if attrs.bits:
-            ref.fs.setattr(self._cred_for(ctx, ref), ref.handle, attrs.changes)
-        p = Packer()
-        bitmap_encode(p, sorted(attrs.bits))
-        return p.getvalue()
-
-    def _access(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        requested = u.uint()
-        ref = ctx.fh()
-        if requested & ~ACCESS4_ALL:
-            raise Nfs4Error(Stat.INVAL, f"unknown access bits {requested:#x}")
-        if ref.fs is None:
-            granted = requested & (ACCESS_READ | ACCESS_LOOKUP | ACCESS_EXECUTE)
-        else:
-            granted = ref.fs.access(self._cred_for(ctx, ref), ref.handle, requested)
-        p = Packer()
-        p.uint(requested)
-        p.uint(granted & requested)
-        return p.getvalue()
-
     # ------------------------------------------------------------------ open state
 
-    def _open(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _open(self, ctx: OpCtx, u: Unpacker) -> bytes:
         u.uint()  # seqid: ignored in v4.1
         share_access = u.uint()
         deny = u.uint()
@@ -1125,7 +747,7 @@ class Nfs4Program:
         if fs.access(cred, handle, need) != need:
             raise Nfs4Error(Stat.ACCESS)
 
-    def _open_stateid(self, ctx: _Ctx, sid: StateId) -> tuple[FhRef, OpenState]:
+    def _open_stateid(self, ctx: OpCtx, sid: StateId) -> tuple[FhRef, OpenState]:
         ref = ctx.fh()
         if sid.is_current:
             sid = ctx.cur_sid or _raise(Stat.BAD_STATEID)
@@ -1138,7 +760,7 @@ class Nfs4Program:
             raise Nfs4Error(Stat.BAD_STATEID, "stateid of another file")
         return ref, st
 
-    def _close(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _close(self, ctx: OpCtx, u: Unpacker) -> bytes:
         u.uint()
         sid = StateId.unpack(u)
         with self._lock:
@@ -1149,7 +771,7 @@ class Nfs4Program:
         INVALID_STATEID.pack(p)
         return p.getvalue()
 
-    def _open_downgrade(self, ctx: _Ctx, u: Unpacker) -> bytes:
+    def _open_downgrade(self, ctx: OpCtx, u: Unpacker) -> bytes:
         sid = StateId.unpack(u)
         u.uint()
         access = u.uint() & 0xFF
@@ -1161,221 +783,6 @@ class Nfs4Program:
         p = Packer()
         new.pack(p)
         return p.getvalue()
-
-    # ------------------------------------------------------------------ data
-
-    def _file(self, ctx: _Ctx) -> tuple[FhRef, FileSystem]:
-        ref = ctx.fh()
-        if ref.fs is None:
-            raise Nfs4Error(Stat.ISDIR)
-        return ref, ref.fs
-
-    def _read(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        sid = StateId.unpack(u)
-        offset = u.uhyper()
-        count = u.uint()
-        ref, fs = self._file(ctx)
-        if fs.getattr(ref.handle).type == FileType.DIR:
-            raise Nfs4Error(Stat.ISDIR)
-        self._stateid(ctx, sid, ref, write=False)
-        count = min(count, self.maxio)
-        if ctx.session is not None:
-            count = min(count, max(0, ctx.session.fore.maxresponsesize - 256))
-        data, eof = fs.read(self._cred_for(ctx, ref), ref.handle, offset, count)
-        p = Packer()
-        p.bool(eof)
-        p.opaque(data)
-        return p.getvalue()
-
-    def _write(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        sid = StateId.unpack(u)
-        offset = u.uhyper()
-        stable = u.enum()
-        data = u.opaque(self.maxio + 64 * 1024)
-        if stable not in (0, 1, 2):
-            raise XdrError(f"stable_how4 {stable}")
-        ref, fs = self._file(ctx)
-        if fs.getattr(ref.handle).type == FileType.DIR:
-            raise Nfs4Error(Stat.ISDIR)
-        if offset + len(data) > MAX_FILE_SIZE:
-            raise Nfs4Error(Stat.FBIG)
-        self._stateid(ctx, sid, ref, write=True)
-        count, synced, _ = fs.write(self._cred_for(ctx, ref), ref.handle, offset, data,
-                                    stable != UNSTABLE4)
-        p = Packer()
-        p.uint(count)
-        p.enum(FILE_SYNC4 if synced else UNSTABLE4)
-        p.fopaque(fs.write_verifier, NFS4_VERIFIER_SIZE)
-        return p.getvalue()
-
-    def _commit(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        u.uhyper()
-        u.uint()
-        ref, fs = self._file(ctx)
-        if fs.getattr(ref.handle).type == FileType.DIR:
-            raise Nfs4Error(Stat.ISDIR)
-        fs.commit(self._cred_for(ctx, ref), ref.handle)
-        p = Packer()
-        p.fopaque(fs.write_verifier, NFS4_VERIFIER_SIZE)
-        return p.getvalue()
-
-    # ------------------------------------------------------------------ directories
-
-    def _readdir(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        cookie = u.uhyper()
-        verf = u.fopaque(NFS4_VERIFIER_SIZE)
-        dircount = u.uint()
-        maxcount = u.uint()
-        bits = bitmap_decode(u)
-        del dircount
-        ref = self._dir(ctx)
-        if bits & WRITE_ONLY:
-            raise Nfs4Error(Stat.INVAL, "write-only attribute requested")
-        if cookie in (1, 2):
-            raise Nfs4Error(Stat.BAD_COOKIE)
-        entries: list[tuple[int, str, FhRef, Attr | None]] = []
-        if ref.fs is None:
-            eof, newverf = self._pseudo_entries(ctx, ref, cookie, entries)
-        else:
-            fs_cookie = cookie - 2 if cookie else 0
-            cred = self._cred_for(ctx, ref)
-            want = max(1, min(4096, maxcount // 16))
-            if not (self._attr(ref).mode & 0o444 or cred.uid == 0):
-                raise Nfs4Error(Stat.ACCESS)
-            got, eof, newverf = ref.fs.readdir(cred, ref.handle, fs_cookie, verf, want)
-            for e in got:
-                entries.append((e.cookie + 2, e.name,
-                                FhRef(e.handle, ref.fs, ref.opts, None, ref.export), e.attr))
-        # resok: verifier(8) + entries + false(4) + eof(4); each entry: true(4) + cookie(8)
-        # + name + fattr4. The status word is outside maxcount's accounting in practice; be
-        # conservative and count it.
-        p = Packer()
-        p.fopaque(newverf.ljust(8, b"\0")[:8], NFS4_VERIFIER_SIZE)
-        size = 4 + 8 + 8
-        n = 0
-        for ck, name, eref, attr in entries:
-            e = Packer()
-            e.bool(True)
-            e.uhyper(ck)
-            e.string(name)
-            try:
-                encode_fattr(e, self._source(eref, attr), bits)
-            except FsError as exc:
-                if A.RDATTR_ERROR not in bits:
-                    raise
-                e = Packer()
-                e.bool(True)
-                e.uhyper(ck)
-                e.string(name)
-                bitmap_encode(e, [A.RDATTR_ERROR])
-                v = Packer()
-                v.enum(fs_status(exc))
-                e.opaque(v.getvalue())
-            if size + len(e) > maxcount:
-                break
-            size += len(e)
-            p.raw(e.getvalue())
-            n += 1
-        if n == 0 and entries:
-            raise Nfs4Error(Stat.TOOSMALL)
-        if size > maxcount:
-            raise Nfs4Error(Stat.TOOSMALL)
-        p.bool(False)
-        p.bool(eof and n == len(entries))
-        return p.getvalue()
-
-    def _pseudo_entries(self, ctx: _Ctx, ref: FhRef, cookie: int,
-                        out: list[tuple[int, str, FhRef, Attr | None]]) -> tuple[bool, bytes]:
-        shares, dirs = self._pseudo_tree()
-        base = (ref.pseudo or "/").rstrip("/") + "/"
-        names = sorted({p[len(base):].split("/")[0] for p in list(shares) + list(dirs)
-                        if p.startswith(base) and len(p) > len(base)})
-        for i, name in enumerate(names):
-            ck = i + 3
-            if ck <= cookie:
-                continue
-            path = base + name
-            if path in shares:
-                sref = shares[path]
-                assert sref.fs is not None
-                out.append((ck, name, sref, sref.fs.getattr(sref.handle)))
-            else:
-                out.append((ck, name, self._pseudo_dir(path), None))
-        return True, b"\0" * 8
-
-    def _create(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        objtype = u.enum()
-        if objtype == NF4LNK:
-            u.string(NFS4_OPAQUE_LIMIT * 4)
-        elif objtype in (NF4BLK, NF4CHR):
-            u.uint()
-            u.uint()
-        name = u.string(NFS4_OPAQUE_LIMIT)
-        attrs = decode_settable(u)
-        ref = ctx.fh()
-        if ref.fs is not None and self._attr(ref).type != FileType.DIR:
-            raise Nfs4Error(Stat.NOTDIR)
-        if objtype != NF4DIR:
-            raise Nfs4Error(Stat.BADTYPE, "only directories are created with CREATE")
-        check_name(name)
-        ref, fs = self._share_dir(ctx)
-        before = fs.getattr(ref.handle).change
-        handle, _ = fs.mkdir(self._cred_for(ctx, ref), ref.handle, name,
-                             attrs.changes if attrs.bits else None)
-        after = fs.getattr(ref.handle).change
-        ctx.cur = FhRef(handle, fs, ref.opts, None, ref.export)
-        ctx.cur_sid = None
-        p = Packer()
-        pack_change_info(p, before, after)
-        bitmap_encode(p, sorted(attrs.bits))
-        return p.getvalue()
-
-    def _remove(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        name = u.string(NFS4_OPAQUE_LIMIT)
-        ref = self._dir(ctx)
-        check_name(name)
-        ref, fs = self._share_dir(ctx)
-        cred = self._cred_for(ctx, ref)
-        before = fs.getattr(ref.handle).change
-        _, attr = fs.lookup(cred, ref.handle, name)
-        if attr.type == FileType.DIR:
-            fs.rmdir(cred, ref.handle, name)
-        else:
-            fs.remove(cred, ref.handle, name)
-        after = fs.getattr(ref.handle).change
-        p = Packer()
-        pack_change_info(p, before, after)
-        return p.getvalue()
-
-    def _rename(self, ctx: _Ctx, u: Unpacker) -> bytes:
-        old = u.string(NFS4_OPAQUE_LIMIT)
-        new = u.string(NFS4_OPAQUE_LIMIT)
-        if ctx.saved is None:
-            raise Nfs4Error(Stat.NOFILEHANDLE, "RENAME needs the source directory saved")
-        src = ctx.saved
-        dst = self._dir(ctx)
-        if src.fs is not None and self._attr(src).type != FileType.DIR:
-            raise Nfs4Error(Stat.NOTDIR)
-        check_name(old)
-        check_name(new)
-        if src.fs is None or dst.fs is None:
-            if src.fs is not dst.fs:
-                raise Nfs4Error(Stat.XDEV)
-            raise Nfs4Error(Stat.ROFS)
-        if src.fs is not dst.fs:
-            raise Nfs4Error(Stat.XDEV)
-        fs = src.fs
-        sb = fs.getattr(src.handle).change
-        db = fs.getattr(dst.handle).change
-        fs.rename(self._cred_for(ctx, dst), src.handle, old, dst.handle, new)
-        p = Packer()
-        pack_change_info(p, sb, fs.getattr(src.handle).change)
-        pack_change_info(p, db, fs.getattr(dst.handle).change)
-        return p.getvalue()
-
-
-def _raise(stat: Stat) -> FhRef:
-    raise Nfs4Error(stat)
 
 
 def _skip_cb_sec(u: Unpacker) -> None:
