@@ -59,9 +59,12 @@ def test_one_gib_round_trips_bit_exact_with_nfs_cp(tmp_path: Path) -> None:
         run_tool("nfs-cp", str(src), url, timeout=600)
         src.unlink()  # the copy back must come from the appliance
         back = tmp_path / "back.bin"
-        run_tool("nfs-cp", url, str(back), timeout=600)
-        assert back.stat().st_size == GiB
-        assert _file_sha(back) == want
+        try:
+            run_tool("nfs-cp", url, str(back), timeout=600)
+            assert back.stat().st_size == GiB
+            assert _file_sha(back) == want
+        finally:
+            back.unlink(missing_ok=True)  # pytest keeps old tmp dirs: leave no GiB behind
 
 
 def test_kill_9_during_writes_loses_nothing_committed(tmp_path: Path) -> None:
