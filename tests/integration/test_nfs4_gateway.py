@@ -11,17 +11,33 @@ session state does not).
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.integration.test_nfs3_gateway import BUCKET, Gateway, gateway, sha, wait_for
+from tests.integration.test_nfs3_gateway import BUCKET, Gateway, gateway
 
 pytestmark = [pytest.mark.integration]
 
 __all__ = ["gateway"]  # the module-scoped appliance fixture, shared by import
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def v41(gw: Gateway, export: str, **kw: Any) -> Any:
