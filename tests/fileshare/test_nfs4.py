@@ -938,3 +938,29 @@ else:
         for pos, value in flips:
             body[pos % len(body)] = value
         _check_reply(c, bytes(body[:max(12, cut % (len(body) + 1))]))
+
+
+def test_open_downgrade(c: Client, prog: Nfs4Program) -> None:
+    fh, sid = create_file(c, "dg")
+    r = c.ok(op_putfh(fh), op_open(None, access=3, deny=2, create=None))
+    sid = r[2]["stateid"]
+    assert isinstance(sid, StateId)
+    other = Client(prog).connect()
+    assert other(op_putfh(fh), op_open(None, access=2, create=None)).status == Stat.SHARE_DENIED
+    down = _op(Op.OPEN_DOWNGRADE, lambda p: (sid.pack(p), p.uint(0), p.uint(1), p.uint(0)))
+    r = c.ok(op_putfh(fh), down)
+    new = r[2]["stateid"]
+    assert isinstance(new, StateId) and new.other == sid.other and new.seqid == sid.seqid + 1
+    assert other(op_putfh(fh), op_open(None, access=2, create=None)).status == 0
+    assert c(op_putfh(fh), op_write(new, 0, b"x")).status == Stat.OPENMODE
+    assert c(op_putfh(fh), op_write(sid, 0, b"x")).status == Stat.OLD_STATEID
+    up = _op(Op.OPEN_DOWNGRADE, lambda p: (new.pack(p), p.uint(0), p.uint(3), p.uint(0)))
+    assert c(op_putfh(fh), up).status == Stat.INVAL  # a downgrade cannot widen
+
+
+def test_exchange_id_principal_collision(prog: Nfs4Program) -> None:
+    alice = Client(prog, USER).connect(owner=b"shared-owner")
+    create_file(alice, "held")
+    mallory = Client(prog, AuthSys(0, "m", 2000, 2000, ()))
+    r = mallory.send([op_exchange_id(b"shared-owner", b"x" * 8)])
+    assert r.status == Stat.CLID_INUSE
