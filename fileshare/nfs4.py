@@ -52,6 +52,7 @@ from fileshare.nfs4files import (
     FileOps,
     Nfs4Error,
     OpCtx,
+    Parts,
     _raise,
     check_name,
     fs_status,
@@ -165,7 +166,7 @@ class Nfs4Program(FileOps):
         self.state = StateTable(boot or os.urandom(4), lease_time)
         self.boot_ns = time.time_ns()
         self._lock = threading.Lock()
-        self._ops: dict[int, Callable[[OpCtx, Unpacker], bytes]] = {
+        self._ops: dict[int, Callable[[OpCtx, Unpacker], bytes | Parts]] = {
             Op.ACCESS: self._access, Op.CLOSE: self._close, Op.COMMIT: self._commit,
             Op.CREATE: self._create, Op.GETATTR: self._getattr, Op.GETFH: self._getfh,
             Op.LOOKUP: self._lookup, Op.LOOKUPP: self._lookupp, Op.NVERIFY: self._nverify,
@@ -185,7 +186,7 @@ class Nfs4Program(FileOps):
 
     # ------------------------------------------------------------------ RPC entry
 
-    def handle(self, call: RpcCall) -> bytes:
+    def handle(self, call: RpcCall) -> bytes | Parts:
         if call.vers != NFS_V4:
             raise RpcError(AcceptStat.PROG_MISMATCH, low=NFS_V4, high=NFS_V4)
         if call.proc == 0:
@@ -202,7 +203,7 @@ class Nfs4Program(FileOps):
             return Cred(65534, 65534)
         raise AuthError(AuthStat.AUTH_TOOWEAK)
 
-    def compound(self, call: RpcCall) -> bytes:
+    def compound(self, call: RpcCall) -> bytes | Parts:
         cred = self._cred(call)
         u = Unpacker(call.body)
         try:
@@ -218,7 +219,7 @@ class Nfs4Program(FileOps):
         if nops > MAX_COMPOUND_OPS or nops * 4 > u.remaining():
             raise RpcError(AcceptStat.GARBAGE_ARGS, message=f"{nops} operations")
         ctx = OpCtx(call, cred, nops=nops)
-        results: list[bytes] = []
+        results: list[bytes | Parts] = []
         status = Stat.OK
         size = RPC_REPLY_HEADER + 12 + len(tag) + (-len(tag)) % 4
         try:
@@ -231,7 +232,7 @@ class Nfs4Program(FileOps):
                 status, res, replay = self._one(ctx, opnum, u, i, nops)
                 if replay is not None:
                     return replay
-                size += len(res)
+                size += _size(res)
                 if ctx.session is not None:
                     too_big = self._reply_limit(ctx, size)
                     if too_big is not None:
@@ -246,9 +247,10 @@ class Nfs4Program(FileOps):
                     self.state.finish_slot(ctx.slot, None)
             raise
         if ctx.slot is not None:
-            keep = ctx.cachethis or len(reply) <= CACHE_SMALL_REPLY
+            keep = ctx.cachethis or _size(reply) <= CACHE_SMALL_REPLY
+            cached = (b"".join(reply) if isinstance(reply, list) else reply) if keep else None
             with self._lock:
-                self.state.finish_slot(ctx.slot, reply if keep else None)
+                self.state.finish_slot(ctx.slot, cached)
         return reply
 
     @staticmethod
@@ -263,7 +265,7 @@ class Nfs4Program(FileOps):
         return None
 
     def _one(self, ctx: OpCtx, opnum: int, u: Unpacker, i: int, nops: int
-             ) -> tuple[Stat, bytes, bytes | None]:
+             ) -> tuple[Stat, bytes | Parts, bytes | None]:
         """Run one operation: (status, encoded nfs_resop4, whole cached reply for a replay)."""
         try:
             op = Op(opnum)
@@ -806,19 +808,40 @@ def _error_body(op: Op) -> bytes:
     return b"\0\0\0\0" if op == Op.SETATTR else b""
 
 
-def _resop(op: Op, stat: Stat, body: bytes) -> bytes:
+def _resop(op: Op, stat: Stat, body: bytes | Parts) -> bytes | Parts:
     p = Packer()
     p.uint(int(op))
     p.enum(stat)
+    if isinstance(body, list):
+        return [p.getvalue(), *body]
     p.raw(body)
     return p.getvalue()
 
 
-def _compound_reply(status: Stat, tag: bytes, results: list[bytes]) -> bytes:
+def _size(res: bytes | Parts) -> int:
+    return sum(len(b) for b in res) if isinstance(res, list) else len(res)
+
+
+def _compound_reply(status: Stat, tag: bytes, results: list[bytes | Parts]) -> bytes | Parts:
+    """COMPOUND4res: one bytes object, or buffers when a large piece (READ data) is in it."""
     p = Packer()
     p.enum(status)
     p.opaque(tag)
     p.uint(len(results))
+    if not any(isinstance(r, list) for r in results):
+        for r in results:
+            p.raw(r)  # type: ignore[arg-type]
+        return p.getvalue()
+    out: Parts = []
+    small = bytearray(p.getvalue())
     for r in results:
-        p.raw(r)
-    return p.getvalue()
+        for piece in (r if isinstance(r, list) else [r]):
+            if len(piece) >= 64 * 1024:
+                out.append(bytes(small))
+                out.append(piece)
+                small = bytearray()
+            else:
+                small += piece
+    if small:
+        out.append(bytes(small))
+    return out

@@ -69,6 +69,9 @@ from fileshare.nfs4types import (
 from fileshare.rpc import AuthFlavor, RpcCall
 from fileshare.xdr import Packer, Unpacker, XdrError
 
+Parts = list[bytes | bytearray | memoryview]
+"""A reply piece sent as several buffers (a READ's header, data and padding)."""
+
 PSEUDO_PREFIX = b"\x00vtl-nfs4-pseudo\x00"
 PSEUDO_FSID = (0xFFFFFFFF, 0xFFFFFFFF)
 ACCESS4_ALL = (ACCESS_READ | ACCESS_LOOKUP | ACCESS_MODIFY | ACCESS_EXTEND | ACCESS_DELETE
@@ -459,7 +462,7 @@ class FileOps:
             raise Nfs4Error(Stat.ISDIR)
         return ref, ref.fs
 
-    def _read(self, ctx: OpCtx, u: Unpacker) -> bytes:
+    def _read(self, ctx: OpCtx, u: Unpacker) -> Parts:
         sid = StateId.unpack(u)
         offset = u.uhyper()
         count = u.uint()
@@ -473,8 +476,9 @@ class FileOps:
         data, eof = fs.read(self._cred_for(ctx, ref), ref.handle, offset, count)
         p = Packer()
         p.bool(eof)
-        p.opaque(data)
-        return p.getvalue()
+        p.uint(len(data))
+        # the data goes out as read, in a buffer of its own (no join on the way out)
+        return [p.getvalue(), data, b"\0" * (-len(data) % 4)]
 
     def _write(self, ctx: OpCtx, u: Unpacker) -> bytes:
         sid = StateId.unpack(u)

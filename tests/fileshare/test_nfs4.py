@@ -329,8 +329,9 @@ class Client:
 
     def raw(self, body: bytes, proc: int = 1) -> bytes:
         self.xid += 1
-        return self.prog.handle(RpcCall(self.xid, 100003, 4, proc, AuthFlavor.AUTH_SYS, self.cred,
-                                        body, self.host, 800))
+        reply = self.prog.handle(RpcCall(self.xid, 100003, 4, proc, AuthFlavor.AUTH_SYS,
+                                         self.cred, body, self.host, 800))
+        return b"".join(reply) if isinstance(reply, list) else reply
 
     def send(self, ops: list[bytes], minor: int = 1, tag: bytes = b"t") -> Reply:
         p = Packer()
@@ -964,3 +965,25 @@ def test_exchange_id_principal_collision(prog: Nfs4Program) -> None:
     mallory = Client(prog, AuthSys(0, "m", 2000, 2000, ()))
     r = mallory.send([op_exchange_id(b"shared-owner", b"x" * 8)])
     assert r.status == Stat.CLID_INUSE
+
+
+def test_large_read_goes_out_as_buffers(c: Client) -> None:
+    data = os.urandom(300_001)
+    fh, sid = create_file(c, "big", data)
+    c.seq += 1
+    p = Packer()
+    p.opaque(b"")
+    p.uint(1)
+    p.uint(3)
+    for o in (op_sequence(c.sessionid, c.seq, cache=False), op_putfh(fh),
+              op_read(sid, 0, 400_000)):
+        p.raw(o)
+    reply = c.prog.handle(RpcCall(99, 100003, 4, 1, AuthFlavor.AUTH_SYS, ROOT, p.getvalue(),
+                                  "127.0.0.1", 800))
+    assert isinstance(reply, list) and any(part is data or part == data for part in reply)
+    r = Reply.decode(b"".join(reply))
+    assert r[2] == {"eof": True, "data": data}
+    # not cached (large, cachethis false): a retry is refused rather than re-read
+    again = c.send([op_sequence(c.sessionid, c.seq, cache=False), op_putfh(fh),
+                    op_read(sid, 0, 400_000)])
+    assert again.status == Stat.RETRY_UNCACHED_REP
