@@ -116,6 +116,7 @@ class ObjectFS:
         self._due: dict[int, float] = {}  # fileid -> time of last activity (due for upload)
         self._quiet: dict[int, float] = {}  # fileid -> time of last write (not due)
         self._retry_at: dict[int, float] = {}
+        self._read_end: dict[int, int] = {}  # fileid -> where the last read ended (read-ahead)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self.uploads = 0
@@ -558,9 +559,15 @@ class ObjectFS:
         count = min(count, row.size - offset)
         key = self._ckey(row.fileid)
         if self.cache.missing(key, row.size, offset, count):
+            # a sequential reader gets FETCH_RUN chunks per GET (read-ahead); others what they ask
+            ahead = self._read_end.get(row.fileid) == offset
+            want = max(count, self.cache.chunk * FETCH_RUN) if ahead else count
             with self._flock(row.fileid):
                 row = self._resolve(fh)
-                self._fetch(row, offset, count)
+                self._fetch(row, offset, want)
+        self._read_end[row.fileid] = offset + count
+        if len(self._read_end) > 4096:
+            self._read_end.clear()
         data = self.cache.read(key, offset, count)
         if len(data) < count and not self.cache.is_dirty(key):
             # evicted between the fetch and the read: serve from the store directly

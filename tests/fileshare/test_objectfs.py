@@ -392,3 +392,21 @@ def test_dirty_file_size_comes_from_the_cache_file_after_a_crash(rig: Rig) -> No
     fs = rig.open()
     assert fs.getattr(fh).size == 10
     assert fs.read(ALICE, fh, 0, 100) == (b"0123456789", True)
+
+
+def test_sequential_reads_fetch_ahead_in_fewer_requests(tmp_path: Path) -> None:
+    class Counting(LocalStore):
+        gets = 0
+
+        def get_object(self, key, *, byte_range=None):  # type: ignore[no-untyped-def]
+            Counting.gets += 1
+            return super().get_object(key, byte_range=byte_range)
+
+    rig = Rig(Counting(tmp_path / "store", durable=False), tmp_path, chunk=8192)
+    data = os.urandom(8192 * 32)
+    rig.store.put_object("share1/seq", data)
+    fs = rig.open()
+    fh, _ = fs.lookup(ROOT, fs.root_handle(), "seq")
+    got = b"".join(fs.read(ROOT, fh, off, 4096)[0] for off in range(0, len(data), 4096))
+    assert got == data
+    assert Counting.gets <= 32 // 4 + 2  # FETCH_RUN chunks per GET once the reader is sequential
