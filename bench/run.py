@@ -767,7 +767,8 @@ def append_results(path: Path, table: str, args: argparse.Namespace, elapsed: fl
         "for what each figure measures. `~` marks a figure cut short by its time budget.\n")
     section = (f"\n## {stamp}\n\n- machine: {machine()}\n"
                f"- options: size {args.size_mb} MiB, only {args.only or 'all'}, peers {args.peers}, "
-               f"budget {args.budget_s:.0f} s per figure; run took {elapsed:.0f} s\n"
+               f"budget {args.budget_s:.0f} s per figure, NFS {args.nfs_mb} MiB; "
+               f"run took {elapsed:.0f} s\n"
                f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after "
                f"(above the CPU count the figures are noisy)\n\n{table}\n")
     with open(path, "a", encoding="utf-8") as f:
