@@ -478,3 +478,43 @@ def test_start_fails_cleanly_when_the_port_is_taken() -> None:
         await server.stop()
 
     asyncio.run(main())
+
+
+def test_retransmitted_nfs3_remove_answers_ok_again() -> None:
+    """End to end through the NFS v3 program: a REMOVE whose reply was lost is retransmitted
+    on a new connection; the client hears NFS3_OK again, not NFS3ERR_NOENT."""
+    from fileshare.fs import CreateMode, Cred
+    from fileshare.nfs import NfsProgram
+    from fileshare.nfs3 import Nfs3Program
+    from fileshare.xdr import Packer
+    from tests.fileshare.memfs import MemExports, MemFs
+
+    exports, fs = MemExports(), MemFs("share1", 1)
+    exports.add("/share1", fs)
+    root = fs.root_handle()
+    fs.create(Cred(1000, 1000), root, "gone.txt", CreateMode.UNCHECKED)
+    p = Packer()
+    p.opaque(root)
+    p.string("gone.txt")
+    remove = encode_call(0x5151, 100003, 3, 12, p.getvalue(), AuthSys(1, "c", 1000, 1000, ()))
+
+    async def main() -> list[bytes]:
+        server = RpcServer([NfsProgram(Nfs3Program(exports))], "127.0.0.1", 0)
+        await server.start()
+        try:
+            def twice() -> list[bytes]:
+                out = []
+                for _ in range(2):
+                    c = Client(server.port)
+                    c.send(remove)
+                    out.append(c.recv().body)
+                    c.close()
+                return out
+
+            return await asyncio.to_thread(twice)
+        finally:
+            await server.stop()
+
+    first, second = asyncio.run(main())
+    assert first[:4] == b"\0\0\0\0"  # NFS3_OK
+    assert second == first
