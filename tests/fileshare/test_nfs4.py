@@ -987,3 +987,19 @@ def test_large_read_goes_out_as_buffers(c: Client) -> None:
     again = c.send([op_sequence(c.sessionid, c.seq, cache=False), op_putfh(fh),
                     op_read(sid, 0, 400_000)])
     assert again.status == Stat.RETRY_UNCACHED_REP
+
+
+def test_nested_export_paths_make_pseudo_directories(exports: MemExports) -> None:
+    deep = exports.add("/teams/blue", MemFs("blue", 12), ExportOptions(squash="none"))
+    c = Client(Nfs4Program(exports)).connect()
+    r = c.ok(op_putrootfh(), op_readdir())
+    assert sorted(e[1] for e in r[2]["entries"]) == ["share1", "teams"]  # type: ignore[union-attr]
+    r = c.ok(op_putrootfh(), op_lookup("teams"), op_getfh(), op_lookup("blue"), op_getfh(),
+             _op(Op.LOOKUPP), op_getfh(), op_getattr(A.TYPE, A.FSID))
+    assert bytes(r[3]["fh"]).startswith(PSEUDO_PREFIX)  # type: ignore[arg-type]
+    assert r[5]["fh"] == deep.root_handle()
+    assert r[7]["fh"] == r[3]["fh"]
+    assert c(op_putrootfh(), op_lookup("teams"), op_mkdir("x")).status == Stat.ROFS
+    r = c.ok(op_putfh(deep.root_handle()), op_getattr(A.MOUNTED_ON_FILEID, A.FILEID))
+    u = Unpacker(r[2]["vals"])  # type: ignore[arg-type]
+    assert u.uhyper() != u.uhyper()  # the share root is mounted on a pseudo directory
