@@ -181,6 +181,7 @@ class Nfs4Program(FileOps):
             Op.TEST_STATEID: self._test_stateid, Op.DESTROY_CLIENTID: self._destroy_clientid,
             Op.RECLAIM_COMPLETE: self._reclaim_complete,
             Op.BIND_CONN_TO_SESSION: self._bind_conn_to_session,
+            Op.BACKCHANNEL_CTL: self._backchannel_ctl,
             Op.LOCK: self._op_lock, Op.LOCKT: self._lockt, Op.LOCKU: self._locku,
         }
 
@@ -441,6 +442,12 @@ class Nfs4Program(FileOps):
         p.enum({CDFC4_FORE: CDFS4_FORE, CDFC4_BACK: CDFS4_BACK}.get(direction, CDFS4_BOTH))
         p.bool(False)
         return p.getvalue()
+
+    def _backchannel_ctl(self, ctx: OpCtx, u: Unpacker) -> bytes:
+        """RFC 8881 18.33: accepted and remembered nowhere (nothing is ever called back)."""
+        u.uint()  # cb_program
+        u.array(lambda: _skip_cb_sec(u), max_items=16)
+        return b""
 
     def _destroy_clientid(self, ctx: OpCtx, u: Unpacker) -> bytes:
         clientid = u.uhyper()

@@ -453,6 +453,8 @@ def test_illegal_and_unsupported_ops(c: Client) -> None:
     assert r.status == Stat.NOTSUPP and r.ops[-1][0] == Op.LINK
     r = c(_op(Op.SETCLIENTID))
     assert r.status == Stat.NOTSUPP
+    ctl = _op(Op.BACKCHANNEL_CTL, lambda p: (p.uint(0x40000000), p.uint(1), p.uint(0)))
+    assert c(ctl).status == 0
 
 
 def test_bad_xdr_in_op_args(c: Client) -> None:
