@@ -14,6 +14,8 @@ A figure that cannot be measured is reported as "n/a (reason)", never a crash. E
 time budget; one cut short by it is computed from the work done and marked with "~".
 The cloud figure (bench/cloud.py): upload of a 2 GiB tape to a moto S3 server by the archive
 pipeline against a plain boto3 multipart upload of the same bytes (ratio); `--only cloud`.
+The NFS figures (bench/nfs.py): 1 GiB written and read with nfs-cp against the appliance's share
+and against NFS-Ganesha, each in a loopback-only network namespace (ratios); `--only nfs`.
 
 The report is printed and appended to bench/RESULTS.md. MB/s are 10^6 bytes per second.
 """
@@ -789,7 +791,12 @@ def render(specs: list[Spec], ours: dict[str, Outcome], theirs: dict[str, Outcom
         rows.append((f"{spec.label} ({spec.unit}{better})", _fmt(ours.get(spec.key), spec.unit),
                      _fmt(theirs.get(spec.key), spec.unit),
                      _ratio(ours.get(spec.key), theirs.get(spec.key))))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return markdown_table(rows)
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows (the first is the header) as an aligned markdown table, figures right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)]
@@ -809,7 +816,8 @@ def append_results(path: Path, table: str, args: argparse.Namespace, elapsed: fl
         "for what each figure measures. `~` marks a figure cut short by its time budget.\n")
     section = (f"\n## {stamp}\n\n- machine: {machine()}\n"
                f"- options: size {args.size_mb} MiB, only {args.only or 'all'}, peers {args.peers}, "
-               f"budget {args.budget_s:.0f} s per figure; run took {elapsed:.0f} s\n"
+               f"budget {args.budget_s:.0f} s per figure, NFS {args.nfs_mb} MiB; "
+               f"run took {elapsed:.0f} s\n"
                f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after "
                f"(above the CPU count the figures are noisy)\n\n{table}\n")
     with open(path, "a", encoding="utf-8") as f:
@@ -847,8 +855,10 @@ def plan(rigs: list[tuple[DiskRig | None, TapeRig | None]]) -> list[tuple[str, l
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("disk", "tape", "cloud"),
-                   help="measure only the disk, the tape or the cloud upload figures")
+    p.add_argument("--only", choices=("disk", "tape", "cloud", "nfs"),
+                   help="measure only the disk, the tape, the cloud upload or the NFS figures")
+    p.add_argument("--nfs-mb", type=int, default=1024,
+                   help="MiB written and read by nfs-cp for the NFS figures (default 1024)")
     p.add_argument("--cloud-mb", type=int, default=2048,
                    help="MiB of the tape uploaded for the cloud figure (default 2048)")
     p.add_argument("--size-mb", type=int, default=512,
@@ -878,10 +888,20 @@ def _cloud_figure(args: argparse.Namespace, log: Callable[[str], None]) -> str:
         return f"| cloud upload | n/a ({_short(exc)}) |"
 
 
+def _nfs_figure(args: argparse.Namespace, log: Callable[[str], None]) -> str:
+    """The NFS table (bench/nfs.py): ours against NFS-Ganesha, or "n/a (reason)"."""
+    from bench import nfs
+
+    try:
+        return nfs.render(nfs.measure(args.nfs_mb, log=log))
+    except Exception as exc:  # a figure that cannot be measured says why
+        return f"| nfs-cp write/read | n/a ({_short(exc)}) |"
+
+
 def _cloud_only(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
-    table = _cloud_figure(args, log)
+    table = _cloud_figure(args, log) if args.only == "cloud" else _nfs_figure(args, log)
     print(table)
     if not args.no_results:
         append_results(args.results, table, args, time.monotonic() - started,
@@ -899,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
-    if args.only == "cloud":
+    if args.only in ("cloud", "nfs"):
         return _cloud_only(args, log)
     want_disk = args.only in (None, "disk")
     want_tape = args.only in (None, "tape")
@@ -936,6 +956,7 @@ def main(argv: list[str] | None = None) -> int:
     table = render(specs, results["ours"], results["tgt"])
     if args.only is None:
         table += "\n\n" + _cloud_figure(args, log)
+        table += "\n\n" + _nfs_figure(args, log)
     print(table)
     if not args.no_results:
         append_results(args.results, table, args, elapsed, (load_before, os.getloadavg()[0]))

@@ -168,11 +168,39 @@ def _m004_volume_gateway(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m005_file_shares(db: sqlite_utils.Database) -> None:
+    # NFS file shares (fileshare/service.py); each share's fileid <-> path table lives in its
+    # own SQLite file under <data-dir>/shares/.
+    db["file_shares"].create(
+        {
+            "name": str,
+            "share_id": int,  # random 32-bit id carried in every file handle of the share
+            "prefix": str,  # object key prefix ("" = the whole store)
+            "status": str,
+            "clients": str,  # JSON list of CIDRs
+            "squash": str,  # root | all | none
+            "read_only": int,
+            "file_mode": int,
+            "dir_mode": int,
+            "owner_uid": int,
+            "owner_gid": int,
+            "storage_class": str,
+            "stale_after": float,  # seconds; NULL = refresh only on request
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="name",
+        not_null={"share_id", "prefix", "status", "clients", "squash"},
+    )
+    db["file_shares"].create_index(["share_id"], unique=True)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
     ("002_cloud_tier", _m002_cloud_tier),
     ("003_pools", _m003_pools),
     ("004_volume_gateway", _m004_volume_gateway),
+    ("005_file_shares", _m005_file_shares),
 ]
 
 
