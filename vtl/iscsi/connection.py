@@ -5,15 +5,13 @@ Bytes go in with :meth:`IscsiConnection.receive_data`, buffers to write come out
 :meth:`next_deadline` / :meth:`handle_timer`. The SCSI device behind the target is called
 synchronously (``ScsiDevice.execute``); iSCSI never parses a CDB.
 
-A target with ``blocking`` set is never called here: each device call (execute, a reset, the
-loss of the nexus) becomes a :class:`DeviceCall` event, which the owner runs elsewhere (the
-server: on a worker thread, one call at a time per device, in the order asked) and answers with
-:meth:`IscsiConnection.complete`. Everything else (NOP-Out, Text, TMF, Logout, Data-Out and R2Ts
-of queued writes, timers) goes on meanwhile. Such a connection has at most one SCSI command at
-the device: the next ready task in CmdSN order starts when the previous one completed. That is
-what SAM-5 allows for every task attribute (a SIMPLE task may run later than it could, never out
-of order for ORDERED or HEAD OF QUEUE), the order the inline path keeps too, and it bounds what
-a slow device holds per session.
+A target with ``blocking`` set is never called here: each device call becomes a
+:class:`~vtl.iscsi.device.DeviceCall` event, answered with :meth:`IscsiConnection.complete`;
+everything else (NOP, Text, TMF, Logout, R2T/Data-Out of queued writes, timers) goes on
+meanwhile. Such a connection has one SCSI command at the device at a time, the next ready
+task in CmdSN order starting when the previous one completed: SAM-5 allows that for every
+task attribute (a SIMPLE task may run later than it could, never out of order), the inline
+path keeps the same order, and it bounds what a slow device holds per session.
 
 Invariants (RFC 7143):
 - Login first (6.3): until the final Login Response only Login Requests are accepted.
@@ -46,10 +44,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from vtl.iscsi import pdu as P
+from vtl.iscsi.device import DeviceCall, hardware_error, ignore, run_command, run_quietly
 from vtl.iscsi.errors import LoginStatus, PduError, RejectReason, TextError
 from vtl.iscsi.login import LOGIN_MAX_RECV, LoginMachine, SessionParams, SessionType, \
     TargetSettings
-from vtl.iscsi.target import IscsiTarget, ScsiDevice, TargetRegistry
+from vtl.iscsi.target import IscsiTarget, TargetRegistry
 from vtl.iscsi.text import decode_text, encode_text, parse_number
 from vtl.scsi.command import ScsiCommand, ScsiResult, ScsiStatus
 from vtl.scsi.sense import Asc, SenseKey, encode_fixed_sense
@@ -109,46 +108,7 @@ class ConnectionClosed:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceCall:
-    """Call ``call()`` (it may block; it never raises) away from the protocol's thread, then
-    hand its return value to :meth:`IscsiConnection.complete` with ``ref`` (``None`` when it
-    could not run). Calls for one device must run one at a time, in the order asked (the
-    device is not thread-safe and SAM ordering depends on it). Only for ``target.blocking``."""
-
-    ref: int
-    target: IscsiTarget
-    call: Callable[[], object]
-
-
 Event = Union[LoginCompleted, ConnectionClosed, DeviceCall]
-
-
-def _hardware_error() -> ScsiResult:
-    return ScsiResult(ScsiStatus.CHECK_CONDITION, sense=encode_fixed_sense(
-        SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE))
-
-
-def _run_command(device: ScsiDevice, cmd: ScsiCommand) -> ScsiResult:
-    try:
-        return device.execute(cmd)
-    except Exception:  # a device bug: answer HARDWARE ERROR and keep serving
-        log.exception("device raised on CDB %s", cmd.cdb[:1].hex())
-        return _hardware_error()
-
-
-def _run_quietly(call: Callable[[], object] | None) -> None:
-    """A reset or nexus loss run as a DeviceCall: a device bug is logged, never raised."""
-    if call is None:
-        return
-    try:
-        call()
-    except Exception:
-        log.exception("device call %r failed", call)
-
-
-def _ignore(_result: object) -> None:
-    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,8 +361,8 @@ class IscsiConnection:
         if self.target is not None and self.nexus and self._blocking:
             # queued behind a command still at the device, so it is the last call of the nexus
             self._device_call(functools.partial(
-                _run_quietly, functools.partial(self.target.device.nexus_lost, self.nexus)),
-                _ignore)
+                run_quietly, functools.partial(self.target.device.nexus_lost, self.nexus)),
+                ignore)
         elif self.target is not None and self.nexus:
             try:
                 self.target.device.nexus_lost(self.nexus)
@@ -799,10 +759,10 @@ class IscsiConnection:
                           task_tag=task.itt)
         if self._blocking:
             self._running = task
-            self._device_call(functools.partial(_run_command, self.target.device, cmd),
+            self._device_call(functools.partial(run_command, self.target.device, cmd),
                               functools.partial(self._executed, task))
             return
-        result = _run_command(self.target.device, cmd)
+        result = run_command(self.target.device, cmd)
         del cmd
         self._finish(task, result)
         if task.write and self.recycle_buffers:  # all its data was consumed: reuse the buffer
@@ -814,7 +774,7 @@ class IscsiConnection:
         if self._running is task:
             self._running = None
         if not self.closed and self._tasks.get(task.itt) is task:
-            self._finish(task, result if isinstance(result, ScsiResult) else _hardware_error())
+            self._finish(task, result if isinstance(result, ScsiResult) else hardware_error())
         if task.write and self.recycle_buffers and not self.closed:
             self._recycle(task)  # the device is done with it, aborted or not
         self._run_queue()
@@ -1004,7 +964,7 @@ class IscsiConnection:
         self._drop_tasks(affected)
         if self._blocking and (action is not None or any(t is self._running for t in affected)):
             # the Response Fence: answered once the device finished the aborted command
-            self._device_call(functools.partial(_run_quietly, action),
+            self._device_call(functools.partial(run_quietly, action),
                               lambda _r: self._tmf_respond(pdu, resp, cold))
             return
         if action is not None:
