@@ -7,6 +7,7 @@ target below would get no answer and the initiator's bounded waits would fail th
 
 from __future__ import annotations
 
+import asyncio
 import struct
 import threading
 import time
@@ -157,3 +158,32 @@ def test_stop_waits_for_the_held_command_and_ends_the_pool() -> None:
     with pytest.raises(InitiatorError):
         ini.ping()
     ini.close(logout=False)
+
+
+def test_call_device_runs_after_the_held_command(portal) -> None:
+    """The owner of a blocking target (closing it, a snapshot) queues behind its commands."""
+    srv, slow, _ = portal
+    order: list[str] = []
+    with login(srv, SLOW) as ini:
+        itt, lun_raw = send_read(ini, 7)
+        assert slow.held.wait(HANG_GUARD)
+
+        def owner_call() -> str:
+            order.append("owner" if slow.gate.is_set() else "owner before the command returned")
+            return "done"
+
+        fut = asyncio.run_coroutine_threadsafe(srv.server.call_device(slow, owner_call),
+                                               srv.loop)
+        assert ini.ping() == b""  # the loop is free while both wait
+        assert not fut.done() and order == []
+        slow.gate.set()
+        assert ini._await_status(itt, lun_raw, memoryview(b""), BLOCK).status == 0
+        assert fut.result(HANG_GUARD) == "done" and order == ["owner"]
+
+        def broken() -> None:
+            raise OSError("disk gone")
+
+        with pytest.raises(OSError, match="disk gone"):
+            asyncio.run_coroutine_threadsafe(srv.server.call_device(slow, broken),
+                                             srv.loop).result(HANG_GUARD)
+        assert ini.execute(0, read10(0, 1), expect_in=BLOCK).status == 0

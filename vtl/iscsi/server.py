@@ -9,6 +9,8 @@ events) run on a bounded thread pool the server owns, one call at a time per dev
 order asked (a "strand"), and each result goes back to its connection on the loop thread
 (``call_soon_threadsafe`` -> ``IscsiConnection.complete``). A result for a connection that has
 gone is dropped there. Without such targets no thread is ever started (the drive workers).
+The owner of a blocking device queues its own work on the same strand with
+:meth:`IscsiServer.call_device` (closing the device must not race a command being executed).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import socket
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 from vtl.iscsi.connection import ConnectionClosed, DeviceCall, Event, IscsiConnection, \
     LoginCompleted, SessionState
@@ -35,6 +37,8 @@ WRITE_LOW_WATER = 2 * 1024 * 1024
 _IOV_MAX = 512  # buffers per writev (Linux allows 1024)
 BLOCKING_WORKERS = 16  # threads for blocking targets' device calls (one per device at a time)
 STOP_GRACE = 60.0  # seconds stop() waits for device calls still running
+T = TypeVar("T")
+_Done = Callable[["Future[Any] | None"], None]  # gets the finished call (None: never ran)
 
 
 class Handoff(Protocol):
@@ -177,11 +181,17 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
             if isinstance(ev, DeviceCall):
                 self.server._device_call(self, ev)
 
-    def _call_done(self, ref: int, result: object) -> None:
+    def _call_done(self, ref: int, fut: Future[Any] | None) -> None:
         """A DeviceCall of this connection returned (on the loop thread)."""
         conn = self.conn
         if conn is None:
             return
+        result = None
+        if fut is not None and not fut.cancelled():
+            if fut.exception() is not None:  # DeviceCall.call never raises; be safe anyway
+                log.error("device call failed", exc_info=fut.exception())
+            else:
+                result = fut.result()
         try:
             events = conn.complete(ref, result)
         except Exception:
@@ -306,7 +316,7 @@ class _Strand:
 
     def __init__(self, device: object) -> None:
         self.device = device  # keeps id(device), the strand's key, from being reused
-        self.jobs: deque[tuple[DeviceCall, _IscsiProtocol]] = deque()
+        self.jobs: deque[tuple[Callable[[], Any], _Done]] = deque()
         self.busy = False
 
 
@@ -398,57 +408,73 @@ class IscsiServer:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
+    async def call_device(self, device: object, call: Callable[[], T]) -> T:
+        """Run ``call()`` on the pool in ``device``'s strand: after the calls already asked
+        for that device (a command a blocking LU is still executing), before those asked
+        later. For the owner of a blocking target that must not race its commands (close the
+        device, read it for a snapshot). Raises what ``call`` raised, or RuntimeError when the
+        server has stopped."""
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def done(fut: Future[T] | None) -> None:
+            if waiter.done():
+                return
+            if fut is None or fut.cancelled():
+                waiter.set_exception(RuntimeError("the iSCSI server has stopped"))
+            elif fut.exception() is not None:
+                waiter.set_exception(fut.exception())  # type: ignore[arg-type]
+            else:
+                waiter.set_result(fut.result())
+
+        self._enqueue(device, call, done)
+        return await waiter
+
     # --- blocking targets ----------------------------------------------------------------------
     def _device_call(self, proto: _IscsiProtocol, ev: DeviceCall) -> None:
-        """Queue ``ev`` on its device's strand (loop thread)."""
-        key = id(ev.target.device)
+        """Queue a connection's DeviceCall on its device's strand (loop thread)."""
+        self._enqueue(ev.target.device, ev.call, functools.partial(proto._call_done, ev.ref))
+
+    def _enqueue(self, device: object, call: Callable[[], Any], done: _Done) -> None:
+        key = id(device)
         strand = self._strands.get(key)
         if strand is None:
-            strand = self._strands[key] = _Strand(ev.target.device)
-        strand.jobs.append((ev, proto))
-        if not strand.busy:
-            self._start_next(key, strand)
+            strand = self._strands[key] = _Strand(device)
+        strand.jobs.append((call, done))
+        self._start_next(key, strand)
 
     def _start_next(self, key: int, strand: _Strand) -> None:
         if strand.busy:
             return
         loop = asyncio.get_running_loop()
         while strand.jobs:
-            ev, proto = strand.jobs.popleft()
+            call, done = strand.jobs.popleft()
             if self._stopped and self._drained is None:
-                loop.call_soon(proto._call_done, ev.ref, None)  # after stop(): never runs
+                loop.call_soon(done, None)  # asked after stop(): never runs
                 continue
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.blocking_workers,
                                                 thread_name_prefix="vtl-iscsi-device")
-            fut = self._pool.submit(ev.call)
+            fut = self._pool.submit(call)
             strand.busy = True
-            fut.add_done_callback(functools.partial(self._post, loop, key, strand, ev, proto))
+            fut.add_done_callback(functools.partial(self._post, loop, key, strand, done))
             return
         if self._strands.get(key) is strand:
             del self._strands[key]
         if not self._strands and self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
-    def _post(self, loop: asyncio.AbstractEventLoop, key: int, strand: _Strand, ev: DeviceCall,
-              proto: _IscsiProtocol, fut: Future[object]) -> None:
+    def _post(self, loop: asyncio.AbstractEventLoop, key: int, strand: _Strand, done: _Done,
+              fut: Future[Any]) -> None:
         """Done callback, on the worker thread: back to the loop."""
         try:
-            loop.call_soon_threadsafe(self._call_done, key, strand, ev, proto, fut)
+            loop.call_soon_threadsafe(self._finished, key, strand, done, fut)
         except RuntimeError:  # the loop is closed: nobody is left to answer
             pass
 
-    def _call_done(self, key: int, strand: _Strand, ev: DeviceCall, proto: _IscsiProtocol,
-                   fut: Future[object]) -> None:
+    def _finished(self, key: int, strand: _Strand, done: _Done, fut: Future[Any]) -> None:
         strand.busy = False
-        result = None
-        if not fut.cancelled():
-            if fut.exception() is not None:  # DeviceCall.call never raises; be safe anyway
-                log.error("device call failed", exc_info=fut.exception())
-            else:
-                result = fut.result()
         try:
-            proto._call_done(ev.ref, result)
+            done(fut)
         finally:
             self._start_next(key, strand)
 
