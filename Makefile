@@ -6,11 +6,13 @@
 PYTHON      ?= python3
 VENV        := .venv
 STAMP       := $(VENV)/.installed
-SYS_PACKAGES := libiscsi-bin libiscsi-dev tgt
+SYS_PACKAGES := libiscsi-bin libiscsi-dev tgt libnfs-utils
+# make bench only: the NFS-Ganesha peer of the NFS figures (bench/nfs.py)
+BENCH_PACKAGES := nfs-ganesha nfs-ganesha-vfs rpcbind iproute2 util-linux
 VTL_ARGS    ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test bench clean distclean sysdeps venv
+.PHONY: run test bench clean distclean sysdeps benchdeps venv
 
 run: $(STAMP)
 	exec $(VENV)/bin/vtl serve $(VTL_ARGS)
@@ -43,7 +45,10 @@ test: sysdeps $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: no tests ran (pytest exit 5)" >&2; fi; \
 	exit $$rc
 
-bench: $(STAMP)
+benchdeps:
+	@$(MAKE) --no-print-directory sysdeps SYS_PACKAGES="$(SYS_PACKAGES) $(BENCH_PACKAGES)"
+
+bench: benchdeps $(STAMP)
 	@if [ -f bench/run.py ]; then exec $(VENV)/bin/python bench/run.py; \
 	elif [ -f bench/__main__.py ]; then exec $(VENV)/bin/python -m bench; \
 	else echo "make bench: no benchmark yet (bench/run.py)" >&2; exit 1; fi

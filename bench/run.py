@@ -14,6 +14,8 @@ A figure that cannot be measured is reported as "n/a (reason)", never a crash. E
 time budget; one cut short by it is computed from the work done and marked with "~".
 The cloud figure (bench/cloud.py): upload of a 2 GiB tape to a moto S3 server by the archive
 pipeline against a plain boto3 multipart upload of the same bytes (ratio); `--only cloud`.
+The NFS figures (bench/nfs.py): 1 GiB written and read with nfs-cp against the appliance's share
+and against NFS-Ganesha, each in a loopback-only network namespace (ratios); `--only nfs`.
 
 The report is printed and appended to bench/RESULTS.md. MB/s are 10^6 bytes per second.
 """
@@ -45,6 +47,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script (make bench: python bench/run.py)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import cached as cached_bench  # noqa: E402
 from bench.tgt import TgtPeer, TgtUnavailable, free_port  # noqa: E402
 from tests.support.libiscsi import (
     Command,
@@ -116,6 +119,9 @@ def _specs(size_mb: int) -> list[Spec]:
     for n in MULTI_DRIVES:
         specs.append(Spec(f"tape_multi_{n}", f"tape {n} drives write 1 MiB x {_multi_mb(size_mb)} "
                                              "MiB each (aggregate)", "MB/s", group="tape"))
+    for key, label, unit in cached_bench.ROWS:
+        size = f" x {size_mb} MiB" if unit == "MB/s" else f" x {QD_COUNT}"
+        specs.append(Spec(key, f"{label}{size} (vs tgt disk)", unit))
     specs.append(Spec("tape_lat_p50", "tape WRITE(6) 8 KiB QD1 median", "us", False, "tape"))
     specs.append(Spec("tape_lat_p99", "tape WRITE(6) 8 KiB QD1 p99", "us", False, "tape"))
     return specs
@@ -155,6 +161,10 @@ class Endpoints:
     disk_na: str = "not configured"
     tape_na: str = "not configured"
     alive: Callable[[], bool] = lambda: True
+    cached: dict[str, str] = field(default_factory=dict)  # cached volume name -> URL
+    cached_na: str = "not configured"
+    vtl: str | None = None
+    data_dir: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +288,40 @@ def _random_reads(s: Session, nblocks: int, bs: int, budget_s: float) -> Outcome
             return NA(f"READ failed: {report.first_failure.describe()}")
         done += n
     return Figure(done / (time.perf_counter() - t0), done < QD_COUNT)
+
+
+def _cached_figures(rig: DiskRig) -> dict[str, Outcome]:
+    """The cached-volume figures on the appliance; on tgt, the disk's random write (the
+    comparison figure the disk steps do not measure)."""
+    ep = rig.ep
+    if ep.name != "ours":
+        if rig.na or not ep.disk:
+            return {"disk_rand_write_qd16": rig.na or NA(ep.disk_na)}
+        try:
+            return {"disk_rand_write_qd16": cached_bench.random_writes(
+                ep.disk, BENCH_INITIATOR, rig.written_mib * (MiB // 512), QD_COUNT, QD_DEPTH,
+                rig.budget_s, Figure, NA)}
+        except _DISK_ERRORS as exc:
+            return {"disk_rand_write_qd16": NA(_short(exc))}
+    if not ep.cached or ep.vtl is None or ep.data_dir is None:
+        return dict.fromkeys(cached_bench.TGT_FIGURE, NA(ep.cached_na))
+    vtl, data_dir = ep.vtl, ep.data_dir
+
+    def factory(url: str) -> DiskRig:
+        return DiskRig(Endpoints("ours", disk=url), rig.size_mb, rig.budget_s)
+
+    def drained(name: str) -> None:
+        cached_bench.wait_drained(_run_cli, vtl, data_dir, name)
+
+    def write(url: str, mib: int) -> Outcome:
+        return cached_bench.random_writes(url, BENCH_INITIATOR, mib * (MiB // 512), QD_COUNT,
+                                          QD_DEPTH, rig.budget_s, Figure, NA)
+
+    try:
+        return cached_bench.measure_ours(factory, ep.cached, drained, write,
+                                         lambda m: print(f"bench: {m}", file=sys.stderr))
+    except (*_DISK_ERRORS, RuntimeError, subprocess.SubprocessError) as exc:
+        return dict.fromkeys(cached_bench.TGT_FIGURE, NA(_short(exc)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,6 +718,13 @@ def appliance_peer(size_mb: int, want_disk: bool, want_tape: bool, workdir: Path
                     ep.disk_na = "volume list shows no target_iqn"
             except (RuntimeError, ValueError, OSError, subprocess.SubprocessError) as exc:
                 ep.disk_na = _short(exc)
+            try:
+                made = cached_bench.create_volumes(_run_cli, vtl, str(data), size_mb)
+                ep.cached = {n: f"iscsi://{portal}/{iqn}/0" for n, iqn in made.items()}
+                ep.vtl, ep.data_dir = vtl, str(data)
+            except (RuntimeError, ValueError, KeyError, OSError,
+                    subprocess.SubprocessError) as exc:
+                ep.cached_na = _short(exc)
         if want_tape:
             try:
                 for count in (10, 2):  # at most 10 tapes per call
@@ -740,7 +791,12 @@ def render(specs: list[Spec], ours: dict[str, Outcome], theirs: dict[str, Outcom
         rows.append((f"{spec.label} ({spec.unit}{better})", _fmt(ours.get(spec.key), spec.unit),
                      _fmt(theirs.get(spec.key), spec.unit),
                      _ratio(ours.get(spec.key), theirs.get(spec.key))))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return markdown_table(rows)
+
+
+def markdown_table(rows: list[tuple[str, ...]]) -> str:
+    """Rows (the first is the header) as an aligned markdown table, figures right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
     for n, row in enumerate(rows):
         cells = [c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(row)]
@@ -760,7 +816,8 @@ def append_results(path: Path, table: str, args: argparse.Namespace, elapsed: fl
         "for what each figure measures. `~` marks a figure cut short by its time budget.\n")
     section = (f"\n## {stamp}\n\n- machine: {machine()}\n"
                f"- options: size {args.size_mb} MiB, only {args.only or 'all'}, peers {args.peers}, "
-               f"budget {args.budget_s:.0f} s per figure; run took {elapsed:.0f} s\n"
+               f"budget {args.budget_s:.0f} s per figure, NFS {args.nfs_mb} MiB; "
+               f"run took {elapsed:.0f} s\n"
                f"- 1-minute load average: {load[0]:.2f} before, {load[1]:.2f} after "
                f"(above the CPU count the figures are noisy)\n\n{table}\n")
     with open(path, "a", encoding="utf-8") as f:
@@ -783,7 +840,8 @@ def plan(rigs: list[tuple[DiskRig | None, TapeRig | None]]) -> list[tuple[str, l
     if disks:
         steps += [("disk seq write", [d.seq_write for d in disks]),
                   ("disk seq read", [d.seq_read for d in disks]),
-                  ("disk random read", [d.random_read for d in disks])]
+                  ("disk random read", [d.random_read for d in disks]),
+                  ("cached volume", [functools.partial(_cached_figures, d) for d in disks])]
     if tapes:
         steps.append(("tape setup", [t.setup for t in tapes]))
         for bs in BLOCK_SIZES:
@@ -797,8 +855,10 @@ def plan(rigs: list[tuple[DiskRig | None, TapeRig | None]]) -> list[tuple[str, l
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=("disk", "tape", "cloud"),
-                   help="measure only the disk, the tape or the cloud upload figures")
+    p.add_argument("--only", choices=("disk", "tape", "cloud", "nfs"),
+                   help="measure only the disk, the tape, the cloud upload or the NFS figures")
+    p.add_argument("--nfs-mb", type=int, default=1024,
+                   help="MiB written and read by nfs-cp for the NFS figures (default 1024)")
     p.add_argument("--cloud-mb", type=int, default=2048,
                    help="MiB of the tape uploaded for the cloud figure (default 2048)")
     p.add_argument("--size-mb", type=int, default=512,
@@ -828,10 +888,20 @@ def _cloud_figure(args: argparse.Namespace, log: Callable[[str], None]) -> str:
         return f"| cloud upload | n/a ({_short(exc)}) |"
 
 
+def _nfs_figure(args: argparse.Namespace, log: Callable[[str], None]) -> str:
+    """The NFS table (bench/nfs.py): ours against NFS-Ganesha, or "n/a (reason)"."""
+    from bench import nfs
+
+    try:
+        return nfs.render(nfs.measure(args.nfs_mb, log=log))
+    except Exception as exc:  # a figure that cannot be measured says why
+        return f"| nfs-cp write/read | n/a ({_short(exc)}) |"
+
+
 def _cloud_only(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
-    table = _cloud_figure(args, log)
+    table = _cloud_figure(args, log) if args.only == "cloud" else _nfs_figure(args, log)
     print(table)
     if not args.no_results:
         append_results(args.results, table, args, time.monotonic() - started,
@@ -849,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"bench: {msg}", file=sys.stderr, flush=True)
 
-    if args.only == "cloud":
+    if args.only in ("cloud", "nfs"):
         return _cloud_only(args, log)
     want_disk = args.only in (None, "disk")
     want_tape = args.only in (None, "tape")
@@ -879,10 +949,14 @@ def main(argv: list[str] | None = None) -> int:
                 if tape is not None:
                     tape.teardown()
     elapsed = time.monotonic() - started
+    for key, tgt_key in cached_bench.TGT_FIGURE.items():  # cached rows compare with tgt's disk
+        if tgt_key in results["tgt"]:
+            results["tgt"][key] = results["tgt"][tgt_key]
     specs = [s for s in _specs(args.size_mb) if args.only is None or s.group == args.only]
     table = render(specs, results["ours"], results["tgt"])
     if args.only is None:
         table += "\n\n" + _cloud_figure(args, log)
+        table += "\n\n" + _nfs_figure(args, log)
     print(table)
     if not args.no_results:
         append_results(args.results, table, args, elapsed, (load_before, os.getloadavg()[0]))

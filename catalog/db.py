@@ -122,10 +122,85 @@ def _m003_pools(db: sqlite_utils.Database) -> None:
     db["tapes"].add_column("retention_lock", str)
 
 
+def _m004_volume_gateway(db: sqlite_utils.Database) -> None:
+    # Cached volumes: local cache and upload buffer limits (NULL: the appliance defaults);
+    # progress of a lazy restore (BOOTSTRAPPING / RESTORING), 0-100.
+    db["volumes"].add_column("cache_bytes", int)
+    db["volumes"].add_column("upload_buffer_bytes", int)
+    db["volumes"].add_column("progress", float)
+    # A snapshot is its own job: PENDING rows resume at start; COMPLETED ones have a manifest.
+    db["snapshots"].create(
+        {
+            "snapshot_id": str,
+            "volume": str,
+            "volume_type": str,
+            "size_bytes": int,
+            "description": str,
+            "status": str,  # PENDING | COMPLETED | ERROR
+            "progress": float,  # 0-100
+            "origin": str,  # manual | scheduled | clone
+            "uploaded_chunks": int,
+            "uploaded_bytes": int,
+            "error": str,
+            "state": str,  # JSON: where a resumable upload stands (owner: the snapshot job)
+            "created_at": str,
+            "completed_at": str,
+            "updated_at": str,
+        },
+        pk="snapshot_id",
+        not_null={"volume", "size_bytes", "status"},
+        defaults={"progress": 0.0, "uploaded_chunks": 0, "uploaded_bytes": 0,
+                  "description": "", "origin": "manual"},
+    )
+    db["snapshots"].create_index(["volume", "created_at"])
+    db["snapshots"].create_index(["status"])
+    db["snapshot_schedules"].create(
+        {
+            "volume": str,
+            "every_hours": int,  # 1, 2, 4, 8, 12 or 24
+            "start_hour": int,  # 0-23 UTC
+            "description": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="volume",
+        not_null={"every_hours", "start_hour"},
+    )
+
+
+def _m005_file_shares(db: sqlite_utils.Database) -> None:
+    # NFS file shares (fileshare/service.py); each share's fileid <-> path table lives in its
+    # own SQLite file under <data-dir>/shares/.
+    db["file_shares"].create(
+        {
+            "name": str,
+            "share_id": int,  # random 32-bit id carried in every file handle of the share
+            "prefix": str,  # object key prefix ("" = the whole store)
+            "status": str,
+            "clients": str,  # JSON list of CIDRs
+            "squash": str,  # root | all | none
+            "read_only": int,
+            "file_mode": int,
+            "dir_mode": int,
+            "owner_uid": int,
+            "owner_gid": int,
+            "storage_class": str,
+            "stale_after": float,  # seconds; NULL = refresh only on request
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk="name",
+        not_null={"share_id", "prefix", "status", "clients", "squash"},
+    )
+    db["file_shares"].create_index(["share_id"], unique=True)
+
+
 MIGRATIONS: list[tuple[str, Migration]] = [
     ("001_initial", _m001_initial),
     ("002_cloud_tier", _m002_cloud_tier),
     ("003_pools", _m003_pools),
+    ("004_volume_gateway", _m004_volume_gateway),
+    ("005_file_shares", _m005_file_shares),
 ]
 
 

@@ -58,6 +58,8 @@ def _add_optional_group(module_name: str, group_name: str) -> None:
 _add_optional_group("cli.tape", "tape")
 _add_optional_group("cli.library", "library")
 _add_optional_group("cli.archive", "archive")
+_add_optional_group("cli.snapshot", "snapshot")
+_add_optional_group("cli.share", "share")
 
 
 def main() -> None:

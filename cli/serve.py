@@ -73,16 +73,34 @@ class _Listen(click.ParamType):
 @click.option("--upload-rate-limit", "upload_rate", type=SIZE, default=None,
               help="Upload bandwidth limit to S3 in bytes per second, e.g. 100MiB "
                    "(default: unlimited).")
+@click.option("--volume-cache-size", "volume_cache_size", type=SIZE, default=None,
+              help="Default local cache of each cached volume, e.g. 150GiB.  [default: 1 GiB]")
+@click.option("--upload-buffer-size", "upload_buffer_size", type=SIZE, default=None,
+              help="Default upload buffer of each cached volume.  [default: 1 GiB]")
+@click.option("--nfs-port", type=click.IntRange(0, 65535), default=2049, show_default=True,
+              help="NFS port of the file shares (host from --listen; 0 picks a free one).")
+@click.option("--mount-port", type=click.IntRange(0, 65535), default=20048, show_default=True,
+              help="MOUNT protocol port of the file shares.")
+@click.option("--portmap-port", type=click.IntRange(0, 65535), default=111, show_default=True,
+              help="Portmapper port; one that cannot be bound is logged and skipped.")
+@click.option("--share-cache-size", type=SIZE, default=None,
+              help="Local cache limit of the file shares, e.g. 100GiB (default: unlimited).")
+@click.option("--share-settle", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="Seconds a committed file must stay untouched before it uploads.")
 def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level: str,
           changer_type: str | None, storage_slots: int, ie_slots: int, workers: int | None,
           store_url: str | None, s3_endpoint: str | None, clock_speed: float,
-          cache_size: int | None, s3_part_size: int | None,
-          upload_rate: int | None) -> None:
+          cache_size: int | None, s3_part_size: int | None, upload_rate: int | None,
+          volume_cache_size: int | None, upload_buffer_size: int | None,
+          nfs_port: int, mount_port: int, portmap_port: int,
+          share_cache_size: int | None, share_settle: float) -> None:
     """Run the appliance: iSCSI targets, volumes, the tape library and the control API."""
     from vtl.engine.supervisor import (  # keeps other commands' start-up light
         Appliance,
         CloudOptions,
         LibraryOptions,
+        ShareOptions,
+        VolumeOptions,
     )
 
     logging.basicConfig(stream=sys.stderr, level=log_level.upper(), format=LOG_FORMAT, force=True)
@@ -92,8 +110,13 @@ def serve(data_dir: Path, listen: tuple[str, int], iqn_authority: str, log_level
         cloud = CloudOptions(store_url=store_url, s3_endpoint=s3_endpoint,
                              clock_speed=clock_speed, cache_size=cache_size,
                              s3_part_size=s3_part_size, upload_rate=upload_rate)
+        volumes = VolumeOptions(cache_bytes=volume_cache_size,
+                                upload_buffer_bytes=upload_buffer_size)
+        shares = ShareOptions(nfs_port=nfs_port, mount_port=mount_port,
+                              portmap_port=portmap_port, cache_size=share_cache_size,
+                              settle=share_settle)
         Appliance(data_dir, listen, authority=iqn_authority, library=library, cloud=cloud,
-                  workers=workers).run()
+                  workers=workers, volumes=volumes, shares=shares).run()
     except ApplianceError as exc:
         raise click.ClickException(exc.message) from None
     except OSError as exc:

@@ -80,8 +80,10 @@ def tool(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
                           timeout=timeout)
 
 
-def create_volume(app: ApplianceProcess, name: str, size: str = "1GiB") -> dict:
-    result = app.cli("volume", "create", "--name", name, "--size", size, "--json")
+def create_volume(app: ApplianceProcess, name: str, size: str = "1GiB",
+                  vtype: str = "stored") -> dict:
+    result = app.cli("volume", "create", "--name", name, "--size", size, "--type", vtype,
+                     "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.output)
 
@@ -104,8 +106,9 @@ def test_volume_is_listed(app: ApplianceProcess, disk: dict) -> None:
     assert disk["status"] == "AVAILABLE" and disk["lun"] == 0
     assert disk["target_iqn"].endswith(":disk1")
     listed = json.loads(app.cli("volume", "list", "--json").output)
+    mine = next(v for v in listed if v["name"] == "disk1")
     assert {"name": "disk1", "type": "stored", "size_bytes": 1 << 30, "status": "AVAILABLE",
-            "target_iqn": disk["target_iqn"], "lun": 0} in listed
+            "target_iqn": disk["target_iqn"], "lun": 0}.items() <= mine.items()
     table = app.cli("volume", "list").output
     assert re.search(rf"^disk1\s+stored\s+1 GiB\s+AVAILABLE\s+{re.escape(disk['target_iqn'])}\s+0$",
                      table, re.M), table
@@ -188,8 +191,10 @@ def cu_summary(output: str) -> dict[str, int]:
                     map(int, match.groups())))
 
 
-def test_iscsi_test_cu(app: ApplianceProcess, tmp_path: Path) -> None:
-    vol = create_volume(app, "conformance")
+@pytest.mark.parametrize("vtype", ["stored", "cached"])
+def test_iscsi_test_cu(app: ApplianceProcess, tmp_path: Path, vtype: str) -> None:
+    """The same suite list on both volume types (a cached volume keeps its data in the store)."""
+    vol = create_volume(app, f"conformance-{vtype}", vtype=vtype)
     result = tool("iscsi-test-cu", "-i", INITIATOR, "-I", OTHER_INITIATOR, "--dataloss",
                   "--normal", "-t", ",".join(CU_TESTS), url(app, vol["target_iqn"]),
                   timeout=900)

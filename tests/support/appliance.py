@@ -62,6 +62,9 @@ class ApplianceProcess:
         self.host = host
         self.requested_port = port
         self.port = 0
+        self.nfs_port = 0  # the file shares' NFS, MOUNT and portmapper ports once started
+        self.mount_port = 0
+        self.portmap_port = 0
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-serve.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self._runner = CliRunner()
@@ -77,7 +80,9 @@ class ApplianceProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cli.main", "serve", "--data-dir", str(self.data_dir),
              "--listen", f"{self.host}:{self.requested_port}",
-             "--log-level", os.environ.get("VTL_TEST_LOG_LEVEL", "info"), *self.extra_args],
+             "--log-level", os.environ.get("VTL_TEST_LOG_LEVEL", "info"),
+             # file shares on free ports, so concurrent test appliances never collide
+             "--nfs-port", "0", "--mount-port", "0", "--portmap-port", "0", *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
         )
         log.close()
@@ -100,6 +105,9 @@ class ApplianceProcess:
                                f"{self.log_tail()}")
         self.info = info
         self.port = int(info.get("iscsi_port") or 0)
+        self.nfs_port = int(info.get("nfs_port") or 0)
+        self.mount_port = int(info.get("mount_port") or 0)
+        self.portmap_port = int(info.get("portmap_port") or 0)
         if self.port:
             self._wait_tcp(deadline)
         return self

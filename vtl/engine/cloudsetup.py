@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from catalog.db import Catalog
 from vtl.cloud.clock import Clock, ClockEpoch, FastClock, SystemClock
-from vtl.cloud.store import open_store
+from vtl.cloud.store import ObjectStore, open_store
 from vtl.engine.jobs import CloudService
 from vtl.library.library import Library
 
@@ -43,8 +43,9 @@ def model_clock(catalog: Catalog, speed: float) -> Clock:
     return clock
 
 
-def build_cloud_service(catalog: Catalog, data_dir: Path, library: Library,
-                        options: CloudOptions) -> CloudService:
+def build_store(catalog: Catalog, data_dir: Path,
+                options: CloudOptions) -> tuple[Clock, ObjectStore]:
+    """The model clock and the ONE object store of the appliance (tapes and volumes share it)."""
     clock = model_clock(catalog, options.clock_speed)
     url = options.store_url or str(Path(data_dir) / "store")
     kwargs: dict[str, Any] = {}
@@ -55,7 +56,13 @@ def build_cloud_service(catalog: Catalog, data_dir: Path, library: Library,
             kwargs["part_size"] = options.s3_part_size
         if options.upload_rate:
             kwargs["upload_rate"] = options.upload_rate
-    store = open_store(url, clock=clock, **kwargs)
+    return clock, open_store(url, clock=clock, **kwargs)
+
+
+def build_cloud_service(catalog: Catalog, data_dir: Path, library: Library,
+                        options: CloudOptions, *,
+                        built: tuple[Clock, ObjectStore] | None = None) -> CloudService:
+    clock, store = built if built is not None else build_store(catalog, data_dir, options)
     service = CloudService(catalog, data_dir, library, store, clock=clock,
                            cache_size=options.cache_size)
     try:

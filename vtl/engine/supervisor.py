@@ -29,6 +29,7 @@ from typing import IO, Any, Protocol
 
 import vtl
 from catalog.db import Catalog, open_catalog
+from vtl.cloud.store import ObjectStore
 from vtl.engine.control import ControlServer
 from vtl.engine.workers import WorkerPool, default_workers
 from vtl.errors import ApplianceError
@@ -82,14 +83,38 @@ class CloudOptions:
     upload_rate: int | None = None  # upload bandwidth limit, bytes/s (S3 only)
 
 
+@dataclass(frozen=True, slots=True)
+class VolumeOptions:
+    """Defaults of cached volumes (``vtl serve --volume-cache-size/--upload-buffer-size``)."""
+
+    cache_bytes: int | None = None  # None: the volume service's default
+    upload_buffer_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShareOptions:
+    """NFS file shares (``vtl serve --nfs-port/--mount-port/--portmap-port``); 0 = any free port,
+    ``portmap_port`` None = no portmapper. The host is the ``--listen`` host."""
+
+    nfs_port: int = 2049
+    mount_port: int = 20048
+    portmap_port: int | None = 111
+    cache_size: int | None = None
+    settle: float = 2.0
+
+
 class Appliance:
     """One appliance serving one data directory on one iSCSI portal."""
 
     def __init__(self, data_dir: Path, listen: tuple[str, int], *,
                  authority: str = vtl.DEFAULT_IQN_AUTHORITY,
                  library: LibraryOptions | None = None,
-                 cloud: CloudOptions | None = None, workers: int | None = None) -> None:
+                 cloud: CloudOptions | None = None, workers: int | None = None,
+                 volumes: VolumeOptions | None = None,
+                 shares: ShareOptions | None = None) -> None:
         self.library_options = library or LibraryOptions()
+        self.volume_options = volumes or VolumeOptions()
+        self.share_options = shares or ShareOptions()
         self.cloud_options = cloud or CloudOptions()
         drives = self.library_options.layout().drives
         #: drive worker processes; 0 serves the drives in this process
@@ -153,6 +178,10 @@ class Appliance:
         self.iscsi_port = self._iscsi.port
 
         self._start_services(self.catalog)
+        for name, service in self.services:  # services with network servers of their own
+            start_servers = getattr(service, "start_servers", None)
+            if start_servers is not None:
+                await start_servers()
         self.control.register("DescribeGatewayInformation", self._describe_gateway)
         self.control.register("ListTargets", self._list_targets)
         for name, service in self.services:
@@ -179,6 +208,13 @@ class Appliance:
             except Exception:
                 log.exception("stopping the iSCSI server failed")
             self._iscsi = None
+        for name, service in reversed(self.services):
+            stop_servers = getattr(service, "stop_servers", None)
+            if stop_servers is not None:
+                try:
+                    await stop_servers()
+                except Exception:
+                    log.exception("stopping the %s servers failed", name)
         for name, service in reversed(self.services):
             try:
                 service.close()
@@ -238,19 +274,37 @@ class Appliance:
         return gateway_id
 
     def _start_services(self, catalog: Catalog) -> None:
-        self._add_service("volumes", VolumeService(catalog, self.data_dir, self.targets,
-                                                   self.authority))
+        from vtl.engine.cloudsetup import build_store
+
+        # one object store for the whole appliance: volume snapshots/cached volumes and tapes
+        built = build_store(catalog, self.data_dir, self.cloud_options)
+        vopts = self.volume_options
+        self._add_service("volumes", VolumeService(
+            catalog, self.data_dir, self.targets, self.authority, store=built[1],
+            cache_bytes=vopts.cache_bytes, upload_buffer_bytes=vopts.upload_buffer_bytes))
         opts = self.library_options
         library = Library(catalog, self.data_dir, self.targets, self.authority, self.gateway_id,
                           changer_type=opts.changer_type, layout=opts.layout(),
                           drive_host=self.pool)
         self._add_service("library", library)
-        self._add_service("cloud", self._cloud_service(catalog, library))
+        self._add_service("cloud", self._cloud_service(catalog, library, built))
+        self._add_service("shares", self._share_service(catalog, built[1]))
 
-    def _cloud_service(self, catalog: Catalog, library: Library) -> Service:
+    def _cloud_service(self, catalog: Catalog, library: Library, built: Any = None) -> Service:
         from vtl.engine.cloudsetup import build_cloud_service
 
-        return build_cloud_service(catalog, self.data_dir, library, self.cloud_options)
+        return build_cloud_service(catalog, self.data_dir, library, self.cloud_options,
+                                   built=built)
+
+    def _share_service(self, catalog: Catalog, store: ObjectStore) -> Service:
+        from fileshare.service import SharePorts, ShareService
+
+        opts = self.share_options
+        ports = SharePorts(host=self.listen[0], nfs=opts.nfs_port, mount=opts.mount_port,
+                           portmap=opts.portmap_port)
+        # the one object store of the appliance (vtl/engine/cloudsetup.py build_store)
+        return ShareService(catalog, self.data_dir, store, ports=ports,
+                            cache_size=opts.cache_size, settle=opts.settle)
 
     def _add_service(self, name: str, service: Service) -> None:
         service.start()
@@ -273,6 +327,9 @@ class Appliance:
             "pid": os.getpid(),
             "workers": self.workers,
             "worker_pids": self.pool.pids() if self.pool is not None else [],
+            **{key: value for _, service in self.services
+               if callable(getattr(service, "describe", None))
+               for key, value in service.describe().items()},  # type: ignore[attr-defined]
         }
 
     def _list_targets(self, args: dict[str, Any]) -> list[dict[str, Any]]:
