@@ -878,8 +878,12 @@ class VolumeService:
             auth_rows = self.catalog.db.execute_returning_dicts(
                 "select * from target_auth where target_iqn = ?", [row["target_iqn"]])
             auth = _auth_from_record(auth_rows[0]) if auth_rows else TargetAuth()
+            # A cached volume (or one restoring from a snapshot) may GET from the object store
+            # or wait for upload-buffer space inside a command: its commands run on the iSCSI
+            # server's worker threads so that no other target, session or the control API waits.
+            blocking = live.cached is not None or live.restore is not None
             target = IscsiTarget(name=row["target_iqn"], device=_scsi_target(device),
-                                 auth=auth, alias=name)
+                                 auth=auth, alias=name, blocking=blocking)
         except BaseException:
             live.backend.close()
             raise

@@ -5,6 +5,14 @@ Bytes go in with :meth:`IscsiConnection.receive_data`, buffers to write come out
 :meth:`next_deadline` / :meth:`handle_timer`. The SCSI device behind the target is called
 synchronously (``ScsiDevice.execute``); iSCSI never parses a CDB.
 
+A target with ``blocking`` set is never called here: each device call becomes a
+:class:`~vtl.iscsi.device.DeviceCall` event, answered with :meth:`IscsiConnection.complete`;
+everything else (NOP, Text, TMF, Logout, R2T/Data-Out of queued writes, timers) goes on
+meanwhile. Such a connection has one SCSI command at the device at a time, the next ready
+task in CmdSN order starting when the previous one completed: SAM-5 allows that for every
+task attribute (a SIMPLE task may run later than it could, never out of order), the inline
+path keeps the same order, and it bounds what a slow device holds per session.
+
 Invariants (RFC 7143):
 - Login first (6.3): until the final Login Response only Login Requests are accepted.
 - Non-immediate commands are delivered in CmdSN order within [ExpCmdSN, MaxCmdSN]; commands
@@ -16,12 +24,18 @@ Invariants (RFC 7143):
   that task with CHECK CONDITION (ABORTED COMMAND, DATA PHASE ERROR), nothing else.
 - Only :class:`vtl.iscsi.errors.IscsiError` subclasses can escape, and none does on bad input:
   it becomes a Reject, a login failure, or ``closed``.
+- Task management on a blocking target (RFC 7143 11.5.1, 4.2.3 Response Fence; SAM-5 7.2): the
+  affected tasks are aborted at once, but a command already at the device cannot be stopped, so
+  the TMF Response (and any reset it implies) waits until that command returned; the aborted
+  command's status is never sent. A result that arrives for an aborted task, or after the
+  connection closed, is dropped (its write buffer still goes back to the pool).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import logging
 import os
 import struct
@@ -30,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Union
 
 from vtl.iscsi import pdu as P
+from vtl.iscsi.device import DeviceCall, hardware_error, ignore, run_command, run_quietly
 from vtl.iscsi.errors import LoginStatus, PduError, RejectReason, TextError
 from vtl.iscsi.login import LOGIN_MAX_RECV, LoginMachine, SessionParams, SessionType, \
     TargetSettings
@@ -93,7 +108,7 @@ class ConnectionClosed:
     reason: str
 
 
-Event = Union[LoginCompleted, ConnectionClosed]
+Event = Union[LoginCompleted, ConnectionClosed, DeviceCall]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +230,10 @@ class IscsiConnection:
         self.recycle_buffers = False
         self._free: dict[int, list[bytearray]] = {}
         self._preplaced: bytearray | None = None
+        self._blocking = False  # the target's device is called through DeviceCall events
+        self._running: _Task | None = None  # the command at a blocking device
+        self._calls: dict[int, Callable[[object], None]] = {}  # DeviceCall ref -> continuation
+        self._next_ref = 1
 
     # --- public API ----------------------------------------------------------------------------
     @property
@@ -300,10 +319,21 @@ class IscsiConnection:
                                    maxcmdsn=self.max_cmdsn))
         return self._take_events()
 
-    def connection_lost(self) -> None:
-        """The transport is gone: end the session (the device forgets the I_T nexus)."""
+    def connection_lost(self) -> list[Event]:
+        """The transport is gone: end the session (the device forgets the I_T nexus). The
+        events are the DeviceCall that tells a blocking device so."""
         self.state = State.CLOSED
         self._end_session()
+        return self._take_events()
+
+    def complete(self, ref: int, result: object) -> list[Event]:
+        """The :class:`DeviceCall` ``ref`` returned ``result`` (None: it never ran). Sends what
+        it finishes (status, a deferred TMF Response) and asks for the next call; a result for
+        an aborted task or a closed connection is dropped. Unknown refs are ignored."""
+        then = self._calls.pop(ref, None)
+        if then is not None:
+            then(result)
+        return self._take_events()
 
     # --- plumbing ------------------------------------------------------------------------------
     def _take_events(self) -> list[Event]:
@@ -328,7 +358,12 @@ class IscsiConnection:
         self._session_ended = True
         self._tasks.clear()
         self._queue.clear()
-        if self.target is not None and self.nexus:
+        if self.target is not None and self.nexus and self._blocking:
+            # queued behind a command still at the device, so it is the last call of the nexus
+            self._device_call(functools.partial(
+                run_quietly, functools.partial(self.target.device.nexus_lost, self.nexus)),
+                ignore)
+        elif self.target is not None and self.nexus:
             try:
                 self.target.device.nexus_lost(self.nexus)
             except Exception:  # a device bug must not take the server down
@@ -338,6 +373,14 @@ class IscsiConnection:
         sn = self._statsn
         self._statsn = (sn + 1) & 0xFFFFFFFF
         return sn
+
+    def _device_call(self, call: Callable[[], object],
+                     then: Callable[[object], None]) -> None:
+        assert self.target is not None
+        ref = self._next_ref
+        self._next_ref += 1
+        self._calls[ref] = then
+        self._events.append(DeviceCall(ref, self.target, call))
 
     def _new_ttt(self) -> int:
         ttt = self._next_ttt
@@ -397,6 +440,7 @@ class IscsiConnection:
         lm = self.login
         self.state = State.FULL_FEATURE
         self.target = lm.target
+        self._blocking = lm.target is not None and lm.target.blocking
         self._statsn, self._expcmdsn = lm.statsn, lm.expcmdsn
         self.params = lm.params
         self.nexus = f"{lm.initiator_name},i,0x{lm.isid:012x}"
@@ -423,7 +467,7 @@ class IscsiConnection:
         move (right after login, nothing is in flight yet).
         """
         if self.state is not State.FULL_FEATURE or self.target is None or self._tasks \
-                or self._held or self.login.session_type is not SessionType.NORMAL:
+                or self._held or self._calls or self.login.session_type is not SessionType.NORMAL:
             raise RuntimeError("only an idle Normal session in full feature phase can move")
         lm = self.login
         state = SessionState(
@@ -697,9 +741,10 @@ class IscsiConnection:
             task.received = pdu.offset + n
 
     def _run_queue(self) -> None:
-        """Execute tasks in CmdSN order as their data completes (SAM-5 task set)."""
+        """Execute tasks in CmdSN order as their data completes (SAM-5 task set); on a
+        blocking target one at a time (the next starts when the running one completed)."""
         q = self._queue
-        while q and not self.closed:
+        while q and not self.closed and self._running is None:
             task = q[0]
             if not task.data_complete:
                 return
@@ -712,16 +757,27 @@ class IscsiConnection:
         cmd = ScsiCommand(lun=task.lun, cdb=task.cdb, data_out=task.data,
                           expected_in=task.edtl if task.read else 0, nexus=self.nexus,
                           task_tag=task.itt)
-        try:
-            result = self.target.device.execute(cmd)
-        except Exception:  # a device bug: answer HARDWARE ERROR and keep serving
-            log.exception("device raised on CDB %s", task.cdb[:1].hex())
-            result = ScsiResult(ScsiStatus.CHECK_CONDITION, sense=encode_fixed_sense(
-                SenseKey.HARDWARE_ERROR, Asc.INTERNAL_TARGET_FAILURE))
+        if self._blocking:
+            self._running = task
+            self._device_call(functools.partial(run_command, self.target.device, cmd),
+                              functools.partial(self._executed, task))
+            return
+        result = run_command(self.target.device, cmd)
         del cmd
         self._finish(task, result)
         if task.write and self.recycle_buffers:  # all its data was consumed: reuse the buffer
             self._recycle(task)
+
+    def _executed(self, task: _Task, result: object) -> None:
+        """A blocking device returned (see :meth:`complete`): answer unless the task was
+        aborted meanwhile or the connection is gone, then start the next task."""
+        if self._running is task:
+            self._running = None
+        if not self.closed and self._tasks.get(task.itt) is task:
+            self._finish(task, result if isinstance(result, ScsiResult) else hardware_error())
+        if task.write and self.recycle_buffers and not self.closed:
+            self._recycle(task)  # the device is done with it, aborted or not
+        self._run_queue()
 
     def _forget(self, task: _Task) -> None:
         if self._tasks.get(task.itt) is task:
@@ -874,10 +930,12 @@ class IscsiConnection:
         lun = decode_lun(pdu.lun)
         device = self.target.device if self.target is not None else None
         cold = False
+        affected: list[_Task] = []
+        action: Callable[[], None] | None = None  # the reset the device must do
         if fn == P.TmfFunction.ABORT_TASK:
             task = self._tasks.get(pdu.rtt)
             if task is not None:
-                self._drop_tasks([task])
+                affected = [task]
             elif not (P.sn_le(self._expcmdsn, pdu.refcmdsn) and P.sn_lt(pdu.refcmdsn, pdu.cmdsn)):
                 # RFC 7143 11.5.1: only a command not received yet (a CmdSN gap before this
                 # request) counts as aborted; a finished task "does not exist".
@@ -893,16 +951,29 @@ class IscsiConnection:
             if device is None or not device.has_lun(lun):
                 resp = P.TmfResponse.LUN_DOES_NOT_EXIST
             else:
-                self._drop_tasks([t for t in self._tasks.values() if t.lun == lun])
+                affected = [t for t in self._tasks.values() if t.lun == lun]
                 if fn == P.TmfFunction.LOGICAL_UNIT_RESET:
-                    device.reset_lun(lun)
+                    action = functools.partial(device.reset_lun, lun)
         elif fn in (P.TmfFunction.TARGET_WARM_RESET, P.TmfFunction.TARGET_COLD_RESET):
-            self._drop_tasks(list(self._tasks.values()))
+            affected = list(self._tasks.values())
             cold = fn == P.TmfFunction.TARGET_COLD_RESET
             if device is not None:
-                device.reset_target(cold)
+                action = functools.partial(device.reset_target, cold)
         else:
             resp = P.TmfResponse.NOT_SUPPORTED
+        self._drop_tasks(affected)
+        if self._blocking and (action is not None or any(t is self._running for t in affected)):
+            # the Response Fence: answered once the device finished the aborted command
+            self._device_call(functools.partial(run_quietly, action),
+                              lambda _r: self._tmf_respond(pdu, resp, cold))
+            return
+        if action is not None:
+            action()
+        self._tmf_respond(pdu, resp, cold)
+
+    def _tmf_respond(self, pdu: P.TaskMgmtRequest, resp: int, cold: bool) -> None:
+        if self.closed:
+            return
         self._send(P.TaskMgmtResponse(response=resp, itt=pdu.itt, statsn=self._next_statsn(),
                                       expcmdsn=self._expcmdsn, maxcmdsn=self.max_cmdsn))
         if cold:  # RFC 7143 11.5.1: a cold reset drops the connection after the response
@@ -954,5 +1025,5 @@ class IscsiConnection:
     }
 
 
-__all__ = ["IscsiConnection", "LoginCompleted", "ConnectionClosed", "Event", "State", "SessionState",
-           "decode_lun", "encode_lun"]
+__all__ = ["IscsiConnection", "LoginCompleted", "ConnectionClosed", "DeviceCall", "Event", "State",
+           "SessionState", "decode_lun", "encode_lun"]

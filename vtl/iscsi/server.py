@@ -4,20 +4,29 @@ All protocol logic lives in :class:`vtl.iscsi.connection.IscsiConnection` (sans-
 module only moves bytes, keeps the timers the state machine asks for, and applies back-pressure:
 reading pauses while the transport's write buffer is above its high-water mark, so a slow
 initiator cannot make us buffer a whole tape. Device ``execute()`` is synchronous and runs in
-the event loop.
+the event loop, except for targets with ``blocking`` set: their device calls (``DeviceCall``
+events) run on a bounded thread pool the server owns, one call at a time per device in the
+order asked (a "strand"), and each result goes back to its connection on the loop thread
+(``call_soon_threadsafe`` -> ``IscsiConnection.complete``). A result for a connection that has
+gone is dropped there. Without such targets no thread is ever started (the drive workers).
+The owner of a blocking device queues its own work on the same strand with
+:meth:`IscsiServer.call_device` (closing the device must not race a command being executed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
-import socket
-
 import os
-from typing import Any, Protocol
+import socket
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable, Protocol, TypeVar
 
-from vtl.iscsi.connection import ConnectionClosed, IscsiConnection, LoginCompleted, SessionState
+from vtl.iscsi.connection import ConnectionClosed, DeviceCall, Event, IscsiConnection, \
+    LoginCompleted, SessionState
 from vtl.iscsi.login import SessionType, TargetSettings
 from vtl.iscsi.target import TargetRegistry
 
@@ -26,6 +35,10 @@ log = logging.getLogger("vtl.iscsi")
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
 _IOV_MAX = 512  # buffers per writev (Linux allows 1024)
+BLOCKING_WORKERS = 16  # threads for blocking targets' device calls (one per device at a time)
+STOP_GRACE = 60.0  # seconds stop() waits for device calls still running
+T = TypeVar("T")
+_Done = Callable[["Future[Any] | None"], None]  # gets the finished call (None: never ran)
 
 
 class Handoff(Protocol):
@@ -148,12 +161,13 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fd = -1
+        self._closing = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         if self.conn is not None:
             try:
-                self.conn.connection_lost()
+                self._device_calls(self.conn.connection_lost())
             except Exception:
                 log.exception("cleanup of %s failed", self.peer)
         self.server._protocols.discard(self)
@@ -162,10 +176,37 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
         log.debug("connection from %s closed", self.peer)
 
     # --- helpers -----------------------------------------------------------------------------
-    def _after(self, events: list[LoginCompleted | ConnectionClosed]) -> None:
+    def _device_calls(self, events: list[Event]) -> None:
+        for ev in events:
+            if isinstance(ev, DeviceCall):
+                self.server._device_call(self, ev)
+
+    def _call_done(self, ref: int, fut: Future[Any] | None) -> None:
+        """A DeviceCall of this connection returned (on the loop thread)."""
+        conn = self.conn
+        if conn is None:
+            return
+        result = None
+        if fut is not None and not fut.cancelled():
+            if fut.exception() is not None:  # DeviceCall.call never raises; be safe anyway
+                log.error("device call failed", exc_info=fut.exception())
+            else:
+                result = fut.result()
+        try:
+            events = conn.complete(ref, result)
+        except Exception:
+            log.exception("iSCSI connection %s failed", self.peer)
+            self._abort()
+            return
+        self._after(events)
+
+    def _after(self, events: list[Event]) -> None:
         conn, transport = self.conn, self.transport
         assert conn is not None and transport is not None
         out = conn.data_to_send()
+        if self._closing or transport.is_closing():  # a late device result: nothing goes out
+            self._device_calls(events)
+            return
         handoff = self.server.handoff
         if handoff is not None and not conn.closed:
             for ev in events:
@@ -177,6 +218,8 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
         for ev in events:
             if isinstance(ev, LoginCompleted):
                 self.server._login_completed(self, ev)
+            elif isinstance(ev, DeviceCall):
+                self.server._device_call(self, ev)
         if conn.closed:
             self._closing = True
             transport.close()  # flushes buffered output first
@@ -266,19 +309,37 @@ class _IscsiProtocol(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+class _Strand:
+    """The device calls of one device: at most one on the pool, the rest waiting in order."""
+
+    __slots__ = ("device", "jobs", "busy")
+
+    def __init__(self, device: object) -> None:
+        self.device = device  # keeps id(device), the strand's key, from being reused
+        self.jobs: deque[tuple[Callable[[], Any], _Done]] = deque()
+        self.busy = False
+
+
 class IscsiServer:
     """An iSCSI portal serving every target in ``registry`` (RFC 7143).
 
     ``port`` may be 0; the bound port is then available as :attr:`port` after :meth:`start`.
     ``nop_interval`` is the idle time before a NOP-In ping (None disables pings).
+    ``blocking_workers`` bounds the threads that run blocking targets' device calls.
     """
 
     def __init__(self, registry: TargetRegistry, host: str = "127.0.0.1", port: int = 3260, *,
                  nop_interval: float | None = 5.0, nop_timeout: float = 15.0,
                  login_timeout: float = 30.0, portal_group_tag: int = 1,
                  settings: TargetSettings | None = None, handoff: Handoff | None = None,
-                 max_session_data: int | None = None, recycle_buffers: bool = False) -> None:
+                 max_session_data: int | None = None, recycle_buffers: bool = False,
+                 blocking_workers: int = BLOCKING_WORKERS) -> None:
         self.registry = registry
+        self.blocking_workers = blocking_workers
+        self._pool: ThreadPoolExecutor | None = None  # started at the first blocking call
+        self._strands: dict[int, _Strand] = {}
+        self._drained: asyncio.Future[None] | None = None
+        self._stopped = False
         self.recycle_buffers = recycle_buffers
         self._discard = bytearray(65536)
         self.handoff = handoff
@@ -301,6 +362,7 @@ class IscsiServer:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self._stopped = False
         self._server = await loop.create_server(lambda: _IscsiProtocol(self), self.host,
                                                 self._port, reuse_address=True)
         sock = self._server.sockets[0]
@@ -327,6 +389,94 @@ class IscsiServer:
             if not self._protocols:
                 break
             await asyncio.sleep(0)
+        await self._stop_pool()
+
+    async def _stop_pool(self) -> None:
+        """Wait for the device calls under way (a blocking device bounds its own waits) so no
+        device is closed under a worker thread, then end the pool. Calls asked later are
+        answered None without running."""
+        self._stopped = True
+        if self._strands:
+            self._drained = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), STOP_GRACE)
+            except TimeoutError:
+                log.warning("device calls still running after %.0f s: not waiting for them",
+                            STOP_GRACE)
+            self._drained = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    async def call_device(self, device: object, call: Callable[[], T]) -> T:
+        """Run ``call()`` on the pool in ``device``'s strand: after the calls already asked
+        for that device (a command a blocking LU is still executing), before those asked
+        later. For the owner of a blocking target that must not race its commands (close the
+        device, read it for a snapshot). Raises what ``call`` raised, or RuntimeError when the
+        server has stopped."""
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def done(fut: Future[T] | None) -> None:
+            if waiter.done():
+                return
+            if fut is None or fut.cancelled():
+                waiter.set_exception(RuntimeError("the iSCSI server has stopped"))
+            elif fut.exception() is not None:
+                waiter.set_exception(fut.exception())  # type: ignore[arg-type]
+            else:
+                waiter.set_result(fut.result())
+
+        self._enqueue(device, call, done)
+        return await waiter
+
+    # --- blocking targets ----------------------------------------------------------------------
+    def _device_call(self, proto: _IscsiProtocol, ev: DeviceCall) -> None:
+        """Queue a connection's DeviceCall on its device's strand (loop thread)."""
+        self._enqueue(ev.target.device, ev.call, functools.partial(proto._call_done, ev.ref))
+
+    def _enqueue(self, device: object, call: Callable[[], Any], done: _Done) -> None:
+        key = id(device)
+        strand = self._strands.get(key)
+        if strand is None:
+            strand = self._strands[key] = _Strand(device)
+        strand.jobs.append((call, done))
+        self._start_next(key, strand)
+
+    def _start_next(self, key: int, strand: _Strand) -> None:
+        if strand.busy:
+            return
+        loop = asyncio.get_running_loop()
+        while strand.jobs:
+            call, done = strand.jobs.popleft()
+            if self._stopped and self._drained is None:
+                loop.call_soon(done, None)  # asked after stop(): never runs
+                continue
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.blocking_workers,
+                                                thread_name_prefix="vtl-iscsi-device")
+            fut = self._pool.submit(call)
+            strand.busy = True
+            fut.add_done_callback(functools.partial(self._post, loop, key, strand, done))
+            return
+        if self._strands.get(key) is strand:
+            del self._strands[key]
+        if not self._strands and self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    def _post(self, loop: asyncio.AbstractEventLoop, key: int, strand: _Strand, done: _Done,
+              fut: Future[Any]) -> None:
+        """Done callback, on the worker thread: back to the loop."""
+        try:
+            loop.call_soon_threadsafe(self._finished, key, strand, done, fut)
+        except RuntimeError:  # the loop is closed: nobody is left to answer
+            pass
+
+    def _finished(self, key: int, strand: _Strand, done: _Done, fut: Future[Any]) -> None:
+        strand.busy = False
+        try:
+            done(fut)
+        finally:
+            self._start_next(key, strand)
 
     async def adopt(self, fd: int, state: SessionState, to_send: bytes = b"",
                     received: bytes = b"") -> None:
@@ -361,8 +511,8 @@ class IscsiServer:
         old = self._sessions.get(key)
         if old is not None and old is not proto and old in self._protocols:
             log.info("reinstating session %s", key)
-            if old.conn is not None:
-                old.conn.connection_lost()  # the old nexus ends before the new one acts
+            if old.conn is not None:  # the old nexus ends before the new one acts
+                old._device_calls(old.conn.connection_lost())
             old.close()
         self._sessions[key] = proto
         proto.session_key = key

@@ -3,6 +3,11 @@
 The registry is consulted at every login and discovery, so targets added or removed while the
 appliance runs (a new volume) take effect at once. ``ScsiDevice`` is satisfied by
 ``vtl.scsi.target.ScsiTarget``; iSCSI never parses a CDB.
+
+A target whose device may block (an S3 GET, waiting for upload-buffer space) sets
+``IscsiTarget.blocking``: the server then calls that device on a worker thread, never on the
+event loop (see ``vtl.iscsi.connection.DeviceCall``). Its calls are still serialised: one at a
+time per device, so the device needs no locking of its own against the iSCSI layer.
 """
 
 from __future__ import annotations
@@ -52,10 +57,15 @@ class ScsiDevice(Protocol):
 
 @dataclass(slots=True)
 class IscsiTarget:
+    """One iSCSI target. ``blocking``: the device's calls may block (for seconds), so they run
+    on the server's worker threads, one at a time per device, instead of inline on the event
+    loop. Read at login: set it before the target is added to the registry."""
+
     name: str
     device: ScsiDevice
     auth: TargetAuth = field(default_factory=TargetAuth)
     alias: str = ""
+    blocking: bool = False
 
 
 class TargetRegistry(Protocol):
