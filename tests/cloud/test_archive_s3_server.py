@@ -5,7 +5,6 @@ upload buffer and retries, the server comes back, and nothing is lost (read back
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -15,6 +14,7 @@ from tests.cloud.conftest import MotoServer
 from tests.support.appliance import ApplianceProcess
 from tests.support.libiscsi import Session, library_available
 from vtl.library.elements import ElementLayout
+from tests.support.waiting import wait_for as _wait_for
 
 pytestmark = [
     pytest.mark.integration,
@@ -26,13 +26,7 @@ BUCKET = "vtl-archive"
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 90.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _wait_for(what, fn, timeout)
 
 
 def test_archive_survives_an_outage_mid_upload(tmp_path: Path, boto_session: Any) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +22,7 @@ import pytest
 from tests.cloud.conftest import SeaweedServer, weed_binary
 from tests.support.appliance import ApplianceProcess
 from tests.support.libiscsi import Session, library_available
+from tests.support.waiting import wait_for as _wait_for
 from vtl.library.elements import ElementLayout
 
 pytestmark = [
@@ -37,13 +37,7 @@ BUCKET = "vtl-outage"
 
 
 def wait_for(what: str, fn: Callable[[], Any], timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _wait_for(what, fn, timeout, interval=0.05)
 
 
 def test_outage_mid_multipart_upload_loses_nothing(tmp_path: Path, boto_session: Any) -> None:

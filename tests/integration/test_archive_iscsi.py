@@ -6,7 +6,6 @@ clock, load it, read it back bit-exact and get DATA PROTECT on a write (RETRIEVE
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -14,6 +13,7 @@ import pytest
 
 from tests.support.appliance import ApplianceProcess
 from tests.support.libiscsi import Session, library_available, parse_element_status
+from tests.support.waiting import wait_for
 from vtl.library.elements import ElementLayout
 
 pytestmark = [
@@ -25,17 +25,6 @@ GiB = 1 << 30
 DATA_PROTECT = 0x07
 #: Model time runs this much faster: a 3-5 h Glacier retrieval takes about a second.
 SPEED = "20000"
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-    """Poll ``fn`` until it returns something truthy (a liveness bound, not a timing claim)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

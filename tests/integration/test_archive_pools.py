@@ -4,27 +4,16 @@ store, model clock 20,000 times faster: one model day is about 4.3 s)."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any, Callable
 
 import pytest
 
 from tests.support.appliance import ApplianceProcess
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
 GiB = 1 << 30
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_pools_and_retention_locks_through_the_cli(tmp_path: Path) -> None:

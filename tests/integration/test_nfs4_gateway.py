@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.integration.test_nfs3_gateway import BUCKET, Gateway, gateway
+from tests.support.waiting import wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -28,16 +28,6 @@ __all__ = ["gateway"]  # the module-scoped appliance fixture, shared by import
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = fn()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def v41(gw: Gateway, export: str, **kw: Any) -> Any:
