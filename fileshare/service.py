@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import json
@@ -30,7 +31,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -231,7 +232,7 @@ class ShareService:
             "ListFileShares": self.list_shares,
             "DescribeNFSFileShares": self.describe_shares,
             "UpdateNFSFileShare": self.update_share,
-            "RefreshCache": self.refresh_cache,
+            "RefreshCache": self.refresh_cache_op,
             "DeleteFileShare": self.delete_share,
         }
 
@@ -522,17 +523,32 @@ class ShareService:
         return self._info(updated, detail=True)
 
     def refresh_cache(self, args: dict[str, Any]) -> dict[str, Any]:
+        """RefreshCache, run to the end in the calling thread (tests, tools)."""
+        return self._refresh_job(args)()
+
+    def refresh_cache_op(self, args: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """RefreshCache as a control operation: arguments checked on the loop, the listing (one
+        LIST per directory, HEADs of new objects) in a worker thread, so a large bucket does not
+        stall NFS, iSCSI and other control clients meanwhile (ObjectFS is thread-safe)."""
+        return asyncio.to_thread(self._refresh_job(args))
+
+    def _refresh_job(self, args: dict[str, Any]) -> Callable[[], dict[str, Any]]:
         _args(args, ("name",), ("path", "recursive"))
         share = self.share(str(args["name"]))
         path = args.get("path") or "/"
         if not isinstance(path, str):
             raise InvalidRequest(f"invalid path {path!r}")
-        try:
-            counts = share.fs.refresh(path, bool(args.get("recursive", False)))
-        except FsError as exc:
-            raise InvalidRequest(f"cannot refresh {path!r} of share {share.name}: "
-                                 f"{exc}") from None
-        return {"name": share.name, "path": "/" + path.strip("/"), **counts}
+        recursive = bool(args.get("recursive", False))
+
+        def run() -> dict[str, Any]:
+            try:
+                counts = share.fs.refresh(path, recursive)
+            except FsError as exc:
+                raise InvalidRequest(f"cannot refresh {path!r} of share {share.name}: "
+                                     f"{exc}") from None
+            return {"name": share.name, "path": "/" + path.strip("/"), **counts}
+
+        return run
 
     def delete_share(self, args: dict[str, Any]) -> dict[str, Any]:
         """Delete a share; its objects stay in the bucket. Unsynced files upload first unless

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import socket
 import stat
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,7 +41,19 @@ def control(tmp_path: Path) -> Iterator[ControlThread]:
     server.register("Echo", echo)
     server.register("Missing", missing)
     server.register("Broken", broken)
+    gate = threading.Event()
+
+    def slow(args: dict[str, Any]) -> Any:
+        def work() -> Any:
+            assert gate.wait(30)
+            if args.get("fail"):
+                raise NotFound("nothing to refresh")
+            return {"done": args.get("n")}
+        return asyncio.to_thread(work)
+
     server.register("Unserializable", unserializable)
+    server.register("Slow", slow)
+    server.gate = gate  # type: ignore[attr-defined]
     server.start()
     yield server
     server.stop()
@@ -111,6 +126,21 @@ def test_several_requests_on_one_connection(control: ControlThread) -> None:
     replies = raw(control.data_dir, payload, replies=3)
     assert [r["ok"] for r in replies] == [True, False, True]
     assert replies[2]["result"] == {"n": 2}
+
+
+def test_long_operation_runs_off_the_loop(control: ControlThread) -> None:
+    """A handler returning an awaitable holds only its own client's reply."""
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(raw, control.data_dir, b'{"op": "Slow", "args": {"n": 7}}\n')
+        failing = pool.submit(raw, control.data_dir,
+                              b'{"op": "Slow", "args": {"fail": true}}\n')
+        # while both wait on the gate, another client is answered at once
+        assert call(control.data_dir, "Echo", a=1) == {"a": 1}
+        assert not slow.done()
+        control.gate.set()  # type: ignore[attr-defined]
+        assert slow.result(30) == [{"ok": True, "result": {"done": 7}}]
+        assert failing.result(30) == [{"ok": False, "error": {
+            "code": "ResourceNotFound", "message": "nothing to refresh"}}]
 
 
 def test_oversized_request(control: ControlThread) -> None:

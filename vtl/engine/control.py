@@ -8,7 +8,9 @@ Invariants:
 
 - Handlers are plain synchronous functions ``fn(args: dict) -> JSON-able`` registered by name.
   They run one at a time on the event loop thread, so a handler never races the iSCSI server
-  (which runs on the same loop) nor another handler.
+  (which runs on the same loop) nor another handler. A handler with long work (a share refresh
+  listing a bucket) validates on the loop and returns an awaitable (e.g. ``asyncio.to_thread``);
+  its connection's reply waits for it while the loop, and other control clients, go on.
 - :class:`vtl.errors.ApplianceError` becomes its code and message; any other exception is a bug:
   it is logged with its traceback and answered as ``InternalError``. Malformed requests (bad JSON,
   no op, unknown op, args not an object, oversized lines) are answered, never fatal.
@@ -18,6 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -116,7 +119,24 @@ class ControlServer:
         except Exception as exc:  # a bug in a handler: log it, keep serving
             log.exception("control operation %s failed", op)
             return error_reply("InternalError", f"{op} failed: {type(exc).__name__}: {exc}")
+        if inspect.isawaitable(result):
+            # long work (e.g. a share refresh) runs off the event loop; the reply waits for it
+            return {"ok": True, "result": result, "op": op}
         return {"ok": True, "result": result}
+
+    async def settle(self, reply: dict[str, Any]) -> dict[str, Any]:
+        """Await the result of a handler that returned an awaitable; map its errors alike."""
+        result = reply.get("result")
+        if not inspect.isawaitable(result):
+            return reply
+        op = reply.get("op", "?")
+        try:
+            return {"ok": True, "result": await result}
+        except ApplianceError as exc:
+            return {"ok": False, "error": exc.to_json()}
+        except Exception as exc:
+            log.exception("control operation %s failed", op)
+            return error_reply("InternalError", f"{op} failed: {type(exc).__name__}: {exc}")
 
     def encode_reply(self, reply: dict[str, Any]) -> bytes:
         """Serialize a reply; a result that is not JSON-able becomes an InternalError."""
@@ -183,7 +203,7 @@ class ControlServer:
                     break  # the rest of the line cannot be resynchronised
                 if not line.strip():
                     continue
-                writer.write(self.encode_reply(self.handle_line(line)))
+                writer.write(self.encode_reply(await self.settle(self.handle_line(line))))
                 await writer.drain()
                 if reader.at_eof():
                     break
