@@ -233,7 +233,7 @@ class ShareService:
             "DescribeNFSFileShares": self.describe_shares,
             "UpdateNFSFileShare": self.update_share,
             "RefreshCache": self.refresh_cache_op,
-            "DeleteFileShare": self.delete_share,
+            "DeleteFileShare": self.delete_share_op,
         }
 
     def describe(self) -> dict[str, Any]:
@@ -558,6 +558,28 @@ class ShareService:
         force = bool(args.get("force", False))
         if not force:
             share.fs.flush()
+        return self._remove_share(share, force)
+
+    def delete_share_op(self, args: dict[str, Any]) -> Awaitable[dict[str, Any]]:
+        """DeleteFileShare as a control operation: the upload of unsynced files runs in a worker
+        thread (it may take long), the removal itself back on the loop."""
+        _args(args, ("name",), ("force",))
+        share = self.share(str(args["name"]))
+        force = bool(args.get("force", False))
+
+        async def run() -> dict[str, Any]:
+            if not force:
+                await asyncio.to_thread(share.fs.flush)
+            return self._remove_share(share, force)
+
+        return run()
+
+    def _remove_share(self, share: _Share, force: bool) -> dict[str, Any]:
+        current = self._shares.get(share.name)
+        if current is None or current.share_id != share.share_id:
+            raise NotFound(f"file share {share.name!r} was deleted meanwhile")
+        share = current  # an update may have replaced the record (same fs)
+        if not force:
             left = share.fs.pending()
             if left:
                 raise Conflict(f"{left} file(s) of share {share.name} could not be uploaded "
