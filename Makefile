@@ -11,6 +11,9 @@ SYS_PACKAGES := libiscsi-bin libiscsi-dev tgt libnfs-utils
 BENCH_PACKAGES := nfs-ganesha nfs-ganesha-vfs rpcbind iproute2 util-linux
 VTL_ARGS    ?=
 PYTEST_ARGS ?=
+# Two workers, each taking whole files (module fixtures stay in one process); most tests wait on
+# servers and subprocesses, so this halves the wall time on 2 cores. PYTEST_JOBS= runs serially.
+PYTEST_JOBS ?= -n 2 --dist loadfile
 
 .PHONY: run test bench clean distclean sysdeps benchdeps venv
 
@@ -41,7 +44,7 @@ sysdeps:
 
 # pytest exits 5 when it collected no tests: that is a failure too, and said so.
 test: sysdeps $(STAMP)
-	@rc=0; $(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(VENV)/bin/python -m pytest -q $(PYTEST_JOBS) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests ran (pytest exit 5)" >&2; fi; \
 	exit $$rc
 
