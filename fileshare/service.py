@@ -44,7 +44,7 @@ from fileshare.objectfs import (
     HandleCodec, ObjectFS, ShareConfig, ShareDefaults, handle_share_id,
 )
 from vtl.cloud.store import InvalidKey, ObjectStore, StorageClass, validate_key
-from vtl.errors import Conflict, InvalidRequest, LimitExceeded, NotFound
+from vtl.errors import Conflict, InvalidRequest, LimitExceeded, NotFound, check_args
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,7 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _args(args: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    missing = [k for k in required if args.get(k) is None]
-    if missing:
-        raise InvalidRequest(f"missing argument {missing[0]!r}")
-    unknown = sorted(set(args) - set(required) - set(optional))
-    if unknown:
-        raise InvalidRequest(f"unknown argument {unknown[0]!r}: accepted are "
-                             f"{', '.join(required + optional)}")
+_args = check_args
 
 
 # --- validation of share settings ------------------------------------------------------------

@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from catalog import volumes as vq
 from catalog.db import Catalog
-from volumes.chunks import CHUNK_BYTES, ChunkStore, Manifest, chunk_count
+from volumes.chunks import CHUNK_BYTES, Manifest, chunk_count
 from volumes.sbc import BlockDevice
 from volumes.cached import MAP_FILE as CACHED_MAP_FILE, CachedBackend, remove_cached_files
 from volumes.cachemap import ChunkMap
@@ -65,13 +65,15 @@ from volumes.snapservice import GuardedChunkStore, SnapshotManager
 from volumes.snapservice import TrackerSource as _TrackerSource
 from volumes.snapservice import extend_manifest as _extend
 from volumes.snapshots import (
-    RestoringBackend, SnapshotBusy, SnapshotError, SnapshotTracker, restoring, state_refs,
+    RestoringBackend, SnapshotBusy, SnapshotTracker, restoring, state_refs,
 )
 from volumes.stored import (
     SEGMENT_BYTES, StoredBackend, allocated_bytes, remove_volume_files, stored_size,
 )
 from vtl.cloud.store import ObjectStore, StoreError
-from vtl.errors import ApplianceError, Conflict, InvalidRequest, LimitExceeded, NotFound
+from vtl.errors import (
+    ApplianceError, Conflict, InvalidRequest, LimitExceeded, NotFound, check_args,
+)
 from vtl.iscsi.target import ChapCredentials, IscsiTarget, TargetAuth, Targets
 from vtl.scsi.target import ScsiTarget
 
@@ -137,14 +139,7 @@ def _serial(name: str, created_at: str) -> str:
     return "VOL" + hashlib.sha256(f"{name}|{created_at}".encode()).hexdigest()[:13].upper()
 
 
-def _args(args: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    missing = [k for k in required if args.get(k) is None]
-    if missing:
-        raise InvalidRequest(f"missing argument {missing[0]!r}: pass {', '.join(required)}")
-    unknown = sorted(set(args) - set(required) - set(optional))
-    if unknown:
-        raise InvalidRequest(f"unknown argument {unknown[0]!r}: accepted are "
-                             f"{', '.join(required + optional)}")
+_args = check_args
 
 
 def validate_name(name: object) -> str:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 from catalog import volumes as vq
 from volumes.chunks import ChunkStore, Manifest, chunk_count
 from vtl.cloud.store import ObjectNotFound, StoreError
-from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound
+from vtl.errors import ApplianceError, Conflict, InvalidRequest, NotFound, check_args
 
 if TYPE_CHECKING:
     from volumes.cached import CachedBackend
@@ -621,10 +621,7 @@ class _Done:
         pass
 
 
-def _args(args: dict[str, Any], required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    from volumes.service import _args as check
-
-    check(args, required, optional)
+_args = check_args
 
 
 class TrackerSource:

@@ -7,6 +7,8 @@ line with a non-zero exit. Messages say what is wrong and what to do.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ApplianceError(Exception):
     """A request the appliance refuses, with a stable machine-readable code."""
@@ -41,3 +43,16 @@ class Conflict(ApplianceError):
 
 class LimitExceeded(ApplianceError):
     code = "LimitExceeded"
+
+
+def check_args(args: dict[str, Any], required: tuple[str, ...],
+               optional: tuple[str, ...] = ()) -> None:
+    """Check a control operation's arguments: every ``required`` one present (not None), none
+    outside ``required + optional``; raise :class:`InvalidRequest` naming the first offender."""
+    missing = [k for k in required if args.get(k) is None]
+    if missing:
+        raise InvalidRequest(f"missing argument {missing[0]!r}: pass {', '.join(required)}")
+    unknown = sorted(set(args) - set(required) - set(optional))
+    if unknown:
+        raise InvalidRequest(f"unknown argument {unknown[0]!r}: accepted are "
+                             f"{', '.join(required + optional)}")
