@@ -104,9 +104,12 @@ def test_outage_mid_multipart_upload_loses_nothing(tmp_path: Path, boto_session:
             offset = 0
             for block in blocks:  # and the blocks are in it, in order
                 offset = body.index(block, offset) + len(block)
-            jobs = [j for j in app.call("ListJobs")["result"]["jobs"]
-                    if j["kind"] == "archive" and j["subject"] == barcode]
-            assert jobs[-1]["state"] == "done"
+            def archive_job_state() -> str:
+                jobs = [j for j in app.call("ListJobs")["result"]["jobs"]
+                        if j["kind"] == "archive" and j["subject"] == barcode]
+                return jobs[-1]["state"]
+            # the job sets ARCHIVED as its last step; its own row turns done right after
+            wait_for("the archive job done", lambda: archive_job_state() == "done")
 
             # and it comes back: SeaweedFS refuses RestoreObject but serves archived objects
             r = app.cli("archive", "retrieve", barcode, "--wait")
