@@ -722,16 +722,22 @@ class ObjectFS:
         if d.fileid != ROOT_ID and not d.marker:
             self._dirty_dir(d)
 
+    def _entry_to_remove(self, cred: Cred, dir_fh: bytes, name: str) -> tuple[Row, Row]:
+        """REMOVE/RMDIR's common checks (caller holds the namespace lock): the listed directory
+        the caller may modify, and the existing entry ``name`` in it."""
+        d = self._dir(dir_fh)
+        self._check_name(name)
+        self._check(cred, d, W | X)
+        d = self._ensure_listed(d)
+        child = self._child(d.fileid, name)
+        if child is None:
+            raise FsError(FsErrno.NOENT, f"no {name!r}")
+        return d, child
+
     def remove(self, cred: Cred, dir_fh: bytes, name: str) -> None:
         self._writable()
         with self._ns:
-            d = self._dir(dir_fh)
-            self._check_name(name)
-            self._check(cred, d, W | X)
-            d = self._ensure_listed(d)
-            child = self._child(d.fileid, name)
-            if child is None:
-                raise FsError(FsErrno.NOENT, f"no {name!r}")
+            d, child = self._entry_to_remove(cred, dir_fh, name)
             if child.is_dir:
                 raise FsError(FsErrno.ISDIR, f"{name!r} is a directory")
             self._sticky(cred, d, child)
@@ -746,13 +752,7 @@ class ObjectFS:
     def rmdir(self, cred: Cred, dir_fh: bytes, name: str) -> None:
         self._writable()
         with self._ns:
-            d = self._dir(dir_fh)
-            self._check_name(name)
-            self._check(cred, d, W | X)
-            d = self._ensure_listed(d)
-            child = self._child(d.fileid, name)
-            if child is None:
-                raise FsError(FsErrno.NOENT, f"no {name!r}")
+            d, child = self._entry_to_remove(cred, dir_fh, name)
             if not child.is_dir:
                 raise FsError(FsErrno.NOTDIR, f"{name!r} is not a directory")
             self._sticky(cred, d, child)

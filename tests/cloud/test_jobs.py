@@ -59,6 +59,23 @@ def _write(lib: Library, barcode: str, blocks: list[bytes]) -> None:
         cart.write_filemarks(1)
 
 
+def _first_file(cart: Any) -> list[bytes]:
+    """The data blocks from the cartridge's position up to the next filemark or end of data."""
+    got = []
+    while (obj := cart.read_next()) is not None and not obj.is_filemark:
+        got.append(obj.data)
+    return got
+
+
+async def _loaded(drive: Any, tries: int = 1000) -> None:
+    """Give a drive that is becoming ready up to ~10 s to get its cartridge (a bound, not a
+    timing claim; the caller asserts on the cartridge afterwards)."""
+    for _ in range(tries):
+        if drive.cartridge is not None:
+            return
+        await asyncio.sleep(0.01)
+
+
 def test_upload_evict_and_read_back_on_load(rig: Any) -> None:
     lib, store, clock, catalog = rig
     barcode = lib.create_tapes({"prefix": "EV", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
@@ -110,10 +127,7 @@ def test_upload_evict_and_read_back_on_load(rig: Any) -> None:
     run(load())
     cart = drive.cartridge
     assert cart is not None and ts.evicted_stubs(tape_dir) == []
-    got = []
-    while (obj := cart.read_next()) is not None and not obj.is_filemark:
-        got.append(obj.data)
-    assert got == blocks
+    assert _first_file(cart) == blocks
     svc.close()
 
 
@@ -219,18 +233,12 @@ def test_a_load_waits_becoming_ready_while_the_store_is_down(
         assert drive.cartridge is None
         assert ts.evicted_stubs(lib.tape_dir(barcode))  # nothing opened with a hole in it
         monkeypatch.undo()  # the endpoint is back: the retry loads the tape, data intact
-        for _ in range(1000):
-            if drive.cartridge is not None:
-                break
-            await asyncio.sleep(0.01)
+        await _loaded(drive)
 
     run(scenario())
     cart = drive.cartridge
     assert cart is not None
-    got = []
-    while (obj := cart.read_next()) is not None and not obj.is_filemark:
-        got.append(obj.data)
-    assert got == blocks
+    assert _first_file(cart) == blocks
     svc.close()
 
 
@@ -283,17 +291,11 @@ def test_a_restart_while_a_drive_is_becoming_ready_loses_nothing(rig: Any, tmp_p
 
     async def restart() -> None:
         svc2.start()
-        for _ in range(1000):
-            if drive.cartridge is not None:
-                break
-            await asyncio.sleep(0.01)
+        await _loaded(drive)
         svc2.close()
 
     run(restart())
     cart = drive.cartridge
     assert cart is not None
-    got = []
-    while (obj := cart.read_next()) is not None and not obj.is_filemark:
-        got.append(obj.data)
-    assert got == blocks
+    assert _first_file(cart) == blocks
     lib2.close()
