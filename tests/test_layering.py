@@ -22,7 +22,7 @@ TRANSPORT_FORBIDDEN = ("volumes", "fileshare", "catalog", "cli", "vtl.library", 
 PURE_FORBIDDEN = ("asyncio", "socket", "threading", "time", "boto3", "botocore", "sqlite3",
                   "sqlite_utils", "apscheduler", "click", "subprocess", "multiprocessing")
 PURE_MODULES = ("vtl/iscsi/pdu.py", "vtl/iscsi/text.py", "vtl/iscsi/login.py",
-                "vtl/iscsi/connection.py", "volumes/sbc.py", "vtl/library/drive.py",
+                "vtl/iscsi/connection.py", "vtl/iscsi/tasks.py", "volumes/sbc.py", "vtl/library/drive.py",
                 "vtl/library/changer.py")
 PROJECT_PACKAGES = ("vtl", "volumes", "fileshare", "catalog", "cli")
 

@@ -9,7 +9,7 @@ import pytest
 
 import vtl.iscsi
 
-PURE = ["pdu.py", "text.py", "login.py", "connection.py", "errors.py", "device.py"]
+PURE = ["pdu.py", "text.py", "login.py", "connection.py", "tasks.py", "errors.py", "device.py"]
 FORBIDDEN = {"asyncio", "socket", "threading", "time", "boto3", "sqlite_utils", "apscheduler",
              "click", "selectors", "subprocess"}
 PKG = Path(vtl.iscsi.__file__).parent

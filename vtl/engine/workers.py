@@ -5,7 +5,10 @@ and N drive workers, ``python -m vtl.engine.workers``, each owning some tape dri
 (drive *i* goes to worker *i mod N*). A worker owns its drives' cartridges (it opens, writes,
 fsyncs and closes them) and serves the iSCSI connections of its drive targets with the same
 sans-I/O :class:`~vtl.iscsi.connection.IscsiConnection`, resumed from the state the supervisor
-negotiated at login.
+negotiated at login, each connection in its own thread (:mod:`vtl.iscsi.threads`: blocking
+``recv_into``/``sendmsg``, no event loop on the data path). The event loop of a worker only
+serves the channel and the throughput sampler; a drive is touched under its target's lock,
+by its connection thread or by the channel (load, unload, status).
 
 Channel: one ``AF_UNIX``/``SOCK_SEQPACKET`` socketpair per worker; every message is one JSON
 object (datagram boundaries frame it). The supervisor asks, the worker answers between SCSI
@@ -32,8 +35,8 @@ Invariants:
 
 Memory bound of a worker (per session): the iSCSI receive buffer (<= one PDU, 256 KiB + 48),
 the data of commands queued in the session (<= ``WORKER_SESSION_DATA``, 32 MiB; an initiator
-streaming at queue depth 1 uses one block), the transport write buffer (<= 8 MiB high water,
-then reading pauses) and one READ's data; per loaded cartridge, 8 bytes per 64 logical objects
+streaming at queue depth 1 uses one block), four pooled write buffers of the block size, and one
+READ's data (sends block: nothing queues behind a peer that reads slowly); per loaded cartridge, 8 bytes per 64 logical objects
 plus 8 per filemark (the sparse index). Nothing else grows with the bytes written.
 """
 
@@ -56,7 +59,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from vtl.iscsi.connection import SessionState
-from vtl.iscsi.server import IscsiServer
+from vtl.iscsi.threads import ThreadedServer
 from vtl.iscsi.target import IscsiTarget, Targets
 from vtl.library.cartridge import Cartridge, CartridgeError
 from vtl.library.drive import TapeDrive
@@ -170,12 +173,12 @@ class DriveWorker:
             self.drives[spec.index] = drive
             self.targets.add(IscsiTarget(name=spec.target_iqn, device=ScsiTarget({0: drive}),
                                          alias=spec.alias))
-        self.server = IscsiServer(self.targets, nop_interval=nop_interval,
-                                  nop_timeout=nop_timeout, max_session_data=WORKER_SESSION_DATA,
-                                  recycle_buffers=True)
+        self.server = ThreadedServer(self.targets, nop_interval=nop_interval,
+                                     nop_timeout=nop_timeout,
+                                     max_session_data=WORKER_SESSION_DATA, recycle_buffers=True)
+        self.locks = {spec.index: self.server.lock_for(spec.target_iqn) for spec in specs}
         self.rates = {i: _Rate() for i in self.drives}
         self._stop: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -189,14 +192,15 @@ class DriveWorker:
         finally:
             sampler.cancel()
             loop.remove_reader(self.chan.fileno())
-            await self.server.stop()
+            await loop.run_in_executor(None, self.server.stop)
             self.close_drives()
 
     def close_drives(self) -> None:
         """Flush and close every loaded cartridge (a durability point for each)."""
-        for drive in self.drives.values():
+        for i, drive in self.drives.items():
             try:
-                drive.close()
+                with self.locks[i]:
+                    drive.close()
             except Exception:
                 log.exception("closing drive %d failed", drive.index)
 
@@ -257,36 +261,41 @@ class DriveWorker:
             os.close(fds[0])
             log.error("bad adopt message: %s", exc)
             return
-        task = asyncio.get_running_loop().create_task(self._adopt_task(fds[0], state, out,
-                                                                       received))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _adopt_task(self, fd: int, state: SessionState, out: bytes, received: bytes) -> None:
         try:
-            await self.server.adopt(fd, state, out, received)
+            self.server.adopt(fds[0], state, out, received)
         except Exception:
             log.exception("cannot serve the connection for %s", state.target_name)
 
     def handle(self, op: str, msg: dict[str, Any]) -> dict[str, Any]:
+        """One control message; a drive is touched under its lock (its connection thread may
+        be executing a command)."""
         if op == "hello":
             return {"ok": True, "pid": os.getpid()}
         if op == "load":
-            return self._load(self._drive(msg), str(msg["path"]), bool(msg.get("read_only")))
+            drive = self._drive(msg)
+            with self.locks[drive.index]:
+                return self._load(drive, str(msg["path"]), bool(msg.get("read_only")))
         if op == "begin_load":
-            self._drive(msg).begin_load(str(msg["barcode"]))
+            drive = self._drive(msg)
+            with self.locks[drive.index]:
+                drive.begin_load(str(msg["barcode"]))
             return {"ok": True}
         if op == "unload":
             drive = self._drive(msg)
-            barcode = drive.barcode
-            cart = drive.unload(force=bool(msg.get("force")))
-            used = None
-            if cart is not None:
-                used = cart.used_bytes
-                cart.close()
+            with self.locks[drive.index]:
+                barcode = drive.barcode
+                cart = drive.unload(force=bool(msg.get("force")))
+                used = None
+                if cart is not None:
+                    used = cart.used_bytes
+                    cart.close()
             return {"ok": True, "barcode": barcode, "used_bytes": used}
         if op == "status":
-            return {"ok": True, "drives": [self._status(d) for d in self.drives.values()]}
+            drives = []
+            for i, d in self.drives.items():
+                with self.locks[i]:
+                    drives.append(self._status(d))
+            return {"ok": True, "drives": drives}
         if op == "shutdown":
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}

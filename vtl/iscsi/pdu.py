@@ -739,11 +739,18 @@ def encode_pdu(pdu: Pdu, *, header_digest: bool = False, data_digest: bool = Fal
     head[5:8] = dsl.to_bytes(3, "big")
     if ahs:
         head += ahs
-    out: list[bytes | memoryview] = [head]
+    return _frame(head, payload, header_digest, data_digest)
+
+
+def _frame(head: bytes | bytearray, payload: bytes | bytearray | memoryview, header_digest: bool,
+           data_digest: bool) -> list[bytes | memoryview]:
+    """Header (DataSegmentLength already in it), [HeaderDigest], data, pad, [DataDigest]."""
+    out: list[bytes | memoryview] = [head]  # type: ignore[list-item]
     if header_digest:
         out.append(_DIGEST.pack(crc32c(head)))
+    dsl = len(payload)
     if dsl:
-        out.append(payload)
+        out.append(payload)  # type: ignore[arg-type]
         pad = b"\0" * _pad(dsl)
         if pad:
             out.append(pad)
@@ -753,7 +760,37 @@ def encode_pdu(pdu: Pdu, *, header_digest: bool = False, data_digest: bool = Fal
     return out
 
 
-def _from_parts(bhs: bytes, ahs: bytes, data: bytes) -> Pdu:
+# --- the streaming path's codecs: the same bytes as the dataclasses, without building them ------
+
+def unpack_scsi_command(bhs: bytes) -> tuple[int, int, int, bytes, int, int, int, int, bytes]:
+    """SCSI Command BHS fields (RFC 7143 11.3): byte 0, flags, reserved, LUN, ITT, EDTL, CmdSN,
+    ExpStatSN, CDB; what :meth:`ScsiCommandPdu.from_bhs` reads, as a plain tuple."""
+    return _SCSI_CMD.unpack(bhs)  # type: ignore[return-value]
+
+
+def encode_status(status: int, itt: int, statsn: int, expcmdsn: int, maxcmdsn: int, *,
+                  header_digest: bool) -> list[bytes | memoryview]:
+    """A SCSI Response with no sense, no residual and ExpDataSN 0 (RFC 7143 11.4): what
+    ``encode_pdu(ScsiResponsePdu(status=..., ...))`` gives for a command answered without
+    Data-In or R2T."""
+    head = _SCSI_RSP.pack(Opcode.SCSI_RESPONSE, 0x80, 0, status, itt, 0, statsn, expcmdsn,
+                          maxcmdsn, 0, 0, 0)
+    return [head, _DIGEST.pack(crc32c(head))] if header_digest else [head]
+
+
+def encode_data_in_status(status: int, lun: bytes, itt: int, statsn: int, expcmdsn: int,
+                          maxcmdsn: int, data: bytes | bytearray | memoryview, *,
+                          header_digest: bool, data_digest: bool) -> list[bytes | memoryview]:
+    """One final Data-In carrying a READ's whole data and its status (S bit, DataSN 0, offset 0,
+    no residual; RFC 7143 11.7), as ``encode_pdu(DataIn(...))`` frames it."""
+    head = bytearray(_DATA_IN.pack(Opcode.DATA_IN, 0x81, 0, status, lun, itt, RESERVED_TAG,
+                                   statsn, expcmdsn, maxcmdsn, 0, 0, 0))
+    head[5:8] = len(data).to_bytes(3, "big")
+    return _frame(head, data, header_digest, data_digest)
+
+
+def from_parts(bhs: bytes, ahs: bytes, data: bytes | memoryview) -> Pdu:
+    """Decode a PDU from its framed parts (see :meth:`PduReader.next_parts`)."""
     opcode = bhs[0] & 0x3F
     cls = PDU_CLASSES.get(opcode)
     if cls is None:
@@ -874,6 +911,13 @@ class PduReader:
 
     def next_pdu(self) -> Pdu | None:
         """Return the next whole PDU, None when more bytes are needed, or raise PduError."""
+        parts = self.next_parts()
+        return None if parts is None else from_parts(*parts)
+
+    def next_parts(self) -> tuple[bytes, bytes, bytes | memoryview] | None:
+        """Like :meth:`next_pdu`, but the PDU still in parts: (BHS, AHS, data segment), framing
+        and digests checked, fields not decoded (the connection's streaming path reads the few
+        it needs from the BHS; :func:`from_parts` decodes the rest)."""
         if self._direct is not None:
             return self._finish_placement()
         buf, pos = self._buf, self._pos
@@ -909,7 +953,7 @@ class PduReader:
                                       bhs=bhs)
         finally:
             mv.release()
-        return _from_parts(bhs, ahs, data)
+        return bhs, ahs, data
 
     def _check_header(self, mv: memoryview, pos: int, head_len: int, hd: int) -> bytes:
         bhs = bytes(mv[pos:pos + BHS_LEN])
@@ -941,7 +985,7 @@ class PduReader:
         self._pos = dstart + have
         self._direct = _Placement(bhs, ahs, dest, have, pad, dd, crc)
 
-    def _finish_placement(self) -> Pdu | None:
+    def _finish_placement(self) -> tuple[bytes, bytes, memoryview] | None:
         p = self._direct
         assert p is not None
         if p.filled < len(p.dest):
@@ -958,4 +1002,4 @@ class PduReader:
             if got != crc:
                 raise DigestError(RejectReason.DATA_DIGEST_ERROR, "data digest mismatch",
                                   bhs=p.bhs)
-        return _from_parts(p.bhs, p.ahs, p.dest)  # type: ignore[arg-type]
+        return p.bhs, p.ahs, p.dest
