@@ -96,6 +96,18 @@ def test_write_read_round_trip(disk: Session) -> None:
     assert disk.read16(last, 16).check().data == tail
 
 
+def test_synchronous_command_status_writes_and_reports_status(disk: Session) -> None:
+    """``command_status`` (the latency benchmark's path) writes the data and returns the
+    status: GOOD for a good WRITE(10), CHECK CONDITION past the end; the async path agrees."""
+    payload = random.Random(3).randbytes(4096)
+    cdb = struct.pack(">BBIBHB", 0x2A, 0, 200, 0, 8, 0)
+    assert disk.command_status(cdb, payload) == 0
+    assert disk.read10(200, 8).check().data == payload
+    past = struct.pack(">BBIBHB", 0x2A, 0, (DISK_MB << 20) // 512, 0, 8, 0)
+    assert disk.command_status(past, payload) == 2
+    assert disk.test_unit_ready().good  # the session goes on
+
+
 def test_invalid_opcode_gives_illegal_request(disk: Session) -> None:
     result = disk.execute(bytes([0xFF, 0, 0, 0, 0, 0]))
     assert result.check_condition

@@ -172,6 +172,7 @@ class _Lib:
             "iscsi_which_events": (ci, [vp]),
             "iscsi_service": (ci, [vp, ci]),
             "iscsi_scsi_command_async": (ci, [vp, ci, _TaskP, _COMMAND_CB, vp, vp]),
+            "iscsi_scsi_command_sync": (_TaskP, [vp, ci, _TaskP, vp]),
             "scsi_create_task": (_TaskP, [ci, cp, ci, ci]),
             "scsi_free_scsi_task": (None, [_TaskP]),
             "scsi_task_add_data_in_buffer": (ci, [_TaskP, ci, vp]),
@@ -557,6 +558,32 @@ class Session:
             self._service_once(100)
             done = finished()
         return done
+
+    def command_status(self, cdb: bytes, data_out: bytes = b"") -> int:
+        """Send one CDB (no data-in) with libiscsi's synchronous call, which waits in its own C
+        poll loop: the leanest initiator path, for latency figures. Returns the SCSI status;
+        transport failures raise ``LibiscsiError``. Not while async commands are in flight."""
+        if self._ctx is None or self._broken is not None:
+            raise LibiscsiError(f"session unusable: {self._broken or 'closed'}")
+        if self._pending:
+            raise RuntimeError("asynchronous commands are in flight")
+        lib = self._lib
+        task = lib.scsi_create_task(len(cdb), cdb, _XFER_WRITE if data_out else _XFER_NONE,
+                                    len(data_out))
+        if not task:
+            raise LibiscsiError("scsi_create_task failed")
+        try:
+            if data_out and lib.scsi_task_add_data_out_buffer(task, len(data_out), data_out):
+                raise LibiscsiError("scsi_task_add_data_out_buffer failed")
+            if not lib.iscsi_scsi_command_sync(self._ctx, self.lun, task, None):
+                self._broken = f"CDB {cdb.hex()}: {self.error()}"
+                raise LibiscsiError(self._broken)
+            status = int(task.contents.status)
+        finally:
+            lib.scsi_free_scsi_task(task)
+        if status in (Status.ERROR, Status.CANCELLED, Status.TIMEOUT):
+            raise LibiscsiError(f"CDB {cdb.hex()}: {self.error()}")
+        return status
 
     def collect(self, handle: int) -> Result:
         """Wait for one submitted command and return its ``Result`` (frees the task)."""

@@ -61,6 +61,9 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+_CLOSED = State.CLOSED  # (looked up once per received chunk)
+
+
 @dataclass(frozen=True, slots=True)
 class LoginCompleted:
     """The login reached full feature phase."""
@@ -197,7 +200,7 @@ class IscsiConnection(ScsiTasks):
 
     def receive_into(self, n: int, now: float) -> list[Event]:
         """``n`` bytes were read into :meth:`receive_buffer`; like :meth:`receive_data`."""
-        if self.closed:
+        if self.state is _CLOSED:
             return self._take_events()
         if n:
             self._last_rx = now
@@ -206,7 +209,7 @@ class IscsiConnection(ScsiTasks):
 
     def _parse(self) -> list[Event]:
         reader = self._reader
-        while not self.closed:
+        while self.state is not _CLOSED:
             try:
                 parts = reader.next_parts()
             except PduError as err:

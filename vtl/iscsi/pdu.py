@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Union
+from typing import Any, Callable, ClassVar, Union
 
 import crc32c as _crc32c
 
@@ -762,10 +762,9 @@ def _frame(head: bytes | bytearray, payload: bytes | bytearray | memoryview, hea
 
 # --- the streaming path's codecs: the same bytes as the dataclasses, without building them ------
 
-def unpack_scsi_command(bhs: bytes) -> tuple[int, int, int, bytes, int, int, int, int, bytes]:
-    """SCSI Command BHS fields (RFC 7143 11.3): byte 0, flags, reserved, LUN, ITT, EDTL, CmdSN,
-    ExpStatSN, CDB; what :meth:`ScsiCommandPdu.from_bhs` reads, as a plain tuple."""
-    return _SCSI_CMD.unpack(bhs)  # type: ignore[return-value]
+#: SCSI Command BHS fields (RFC 7143 11.3): byte 0, flags, reserved, LUN, ITT, EDTL, CmdSN,
+#: ExpStatSN, CDB; what :meth:`ScsiCommandPdu.from_bhs` reads, as a plain tuple
+unpack_scsi_command: Callable[[bytes], tuple[Any, ...]] = _SCSI_CMD.unpack
 
 
 def encode_status(status: int, itt: int, statsn: int, expcmdsn: int, maxcmdsn: int, *,
@@ -925,20 +924,24 @@ class PduReader:
         if avail < BHS_LEN:
             return None
         ahs_len = buf[pos + 4] * 4
-        dsl = int.from_bytes(buf[pos + 5:pos + 8], "big")
+        dsl = (buf[pos + 5] << 16) | (buf[pos + 6] << 8) | buf[pos + 7]
         head_len = BHS_LEN + ahs_len
         hd = 4 if self.header_digest else 0
         if dsl > self.max_data:
             raise PduError(RejectReason.PROTOCOL_ERROR,
                            f"DataSegmentLength {dsl} > MaxRecvDataSegmentLength {self.max_data}",
                            fatal=True, bhs=bytes(buf[pos:pos + BHS_LEN]))
-        padded = dsl + _pad(dsl)
+        padded = (dsl + 3) & ~3
         dd = 4 if (self.data_digest and dsl) else 0
         total = head_len + hd + padded + dd
         if avail < total:
             if self.placer is not None and dsl >= PLACE_MIN and avail >= head_len + hd:
                 self._begin_placement(head_len, hd, dsl, padded - dsl, bool(dd))
             return None
+        if not (ahs_len or hd or dd):  # the common case: nothing to check, one copy each
+            self._pos = pos + total
+            return bytes(buf[pos:pos + BHS_LEN]), b"", \
+                bytes(buf[pos + BHS_LEN:pos + BHS_LEN + dsl]) if dsl else b""
         mv = memoryview(buf)
         try:
             bhs = self._check_header(mv, pos, head_len, hd)

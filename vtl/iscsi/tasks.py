@@ -38,6 +38,7 @@ from vtl.scsi.command import ScsiCommand, ScsiResult, ScsiStatus
 from vtl.scsi.sense import Asc, SenseKey, encode_fixed_sense
 
 log = logging.getLogger("vtl.iscsi")
+_unpack_command = P.unpack_scsi_command
 
 MAX_TASK_DATA = 16 * 1024 * 1024  # largest write EDTL we buffer for one command
 MAX_SESSION_DATA = 256 * 1024 * 1024  # write data buffered for all queued commands of a session
@@ -120,6 +121,8 @@ class ScsiTasks:
     max_session_data: int
     _reader: P.PduReader
     _expcmdsn: int
+    _statsn: int
+    _window: int
     _held: dict[int, P.Pdu]
     _tasks: dict[int, "Task"]
     _buffered: int
@@ -153,8 +156,9 @@ class ScsiTasks:
 
     def _stream_command(self, bhs: bytes, data: bytes | memoryview) -> bool:
         """Execute a SCSI Command straight from its BHS when it needs no task bookkeeping (see
-        the module docstring); False leaves it, untouched, to the general path."""
-        b0, flags, _r, lun_raw, itt, edtl, cmdsn, _expstatsn, cdb = P.unpack_scsi_command(bhs)
+        the module docstring); False leaves it, untouched, to the general path. (This runs once
+        per block of a backup stream: attribute lookups and calls are kept few on purpose.)"""
+        b0, flags, _r, lun_raw, itt, edtl, cmdsn, _expstatsn, cdb = _unpack_command(bhs)
         if b0 & 0x40 or not flags & 0x80 or cmdsn != self._expcmdsn or self._tasks \
                 or self._held:
             return False  # immediate, more data coming, out of order, or others pending
@@ -173,28 +177,34 @@ class ScsiTasks:
                 data = buf
         target = self.target
         assert target is not None
-        self._expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
-        lun = decode_lun(lun_raw)
+        expcmdsn = self._expcmdsn = (cmdsn + 1) & 0xFFFFFFFF
+        lun = lun_raw[1] if not lun_raw[0] else decode_lun(lun_raw)
         result = run_command(target.device, ScsiCommand(lun, cdb, data, edtl if read else 0,
                                                         self.nexus, itt))
         if buf is not None and self.recycle_buffers:
             self._give_back(buf)
-        status = result.status
         if not result.sense:
+            status = result.status
             data_in = result.data_in
             reader = self._reader
             if read:
                 n = len(data_in)
-                if n == edtl and n and status == ScsiStatus.GOOD \
+                if n == edtl and n and status == 0 \
                         and n <= p.max_send_data_segment_length and n <= p.max_burst_length:
+                    statsn = self._statsn
+                    self._statsn = (statsn + 1) & 0xFFFFFFFF
                     self._out += P.encode_data_in_status(
-                        status, lun_raw, itt, self._next_statsn(), self._expcmdsn,
-                        self.max_cmdsn, data_in, header_digest=reader.header_digest,
-                        data_digest=reader.data_digest)
+                        status, lun_raw, itt, statsn, expcmdsn,
+                        (expcmdsn + self._window - 1) & 0xFFFFFFFF, data_in,
+                        header_digest=reader.header_digest, data_digest=reader.data_digest)
                     return True
-            elif not data_in and (not write or result.data_out_expected in (None, edtl)):
-                self._out += P.encode_status(status, itt, self._next_statsn(), self._expcmdsn,
-                                             self.max_cmdsn, header_digest=reader.header_digest)
+            elif not data_in and (not write or result.data_out_expected is None
+                                  or result.data_out_expected == edtl):
+                statsn = self._statsn
+                self._statsn = (statsn + 1) & 0xFFFFFFFF
+                self._out += P.encode_status(status, itt, statsn, expcmdsn,
+                                             (expcmdsn + self._window - 1) & 0xFFFFFFFF,
+                                             header_digest=reader.header_digest)
                 return True
         self._finish(Task(itt=itt, lun=lun, lun_raw=lun_raw, cdb=cdb, cmdsn=cmdsn,
                           edtl=edtl if read or write else 0, read=bool(read),

@@ -48,6 +48,16 @@ def _timeval(seconds: float) -> bytes:
     return _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
 
 
+def _unsent(out: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What is left of ``out`` after the first ``sent`` bytes went."""
+    for i, buf in enumerate(out):
+        n = len(buf)
+        if sent < n:
+            return [memoryview(buf)[sent:] if sent else buf, *out[i + 1:]]
+        sent -= n
+    return []
+
+
 class _Peer:
     """One adopted connection and its thread."""
 
@@ -111,10 +121,12 @@ class _Peer:
                 conn.receive_data(received, clock())
             if not self._send(conn.data_to_send()):
                 return
-        recv_into = sock.recv_into
+        recv_into, receive_buffer, receive_into = sock.recv_into, conn.receive_buffer, \
+            conn.receive_into
+        sendmsg, data_to_send = sock.sendmsg, conn.data_to_send
         while not conn.closed and not self._stopping:
             try:
-                n = recv_into(conn.receive_buffer())
+                n = recv_into(receive_buffer())
             except (BlockingIOError, TimeoutError, InterruptedError):  # SO_RCVTIMEO: idle
                 with lock:
                     conn.handle_timer(clock())
@@ -127,10 +139,15 @@ class _Peer:
             if not n:
                 return
             with lock:
-                conn.receive_into(n, clock())
-            out = conn.data_to_send()
-            if out and not self._send(out):
-                return
+                receive_into(n, clock())
+            out = data_to_send()
+            if out:
+                try:  # the common case: one sendmsg takes it all
+                    sent = sendmsg(out) if len(out) <= _IOV_MAX else 0
+                except OSError:
+                    sent = 0  # _send meets the error again and reports it its way
+                if sent != sum(map(len, out)) and not self._send(_unsent(out, sent)):
+                    return
 
     def _send(self, out: list[bytes | memoryview]) -> bool:
         """Send every buffer (a short send resumes where it stopped); False if the connection
@@ -139,15 +156,7 @@ class _Peer:
         try:
             while out:
                 batch = out[:_IOV_MAX]
-                sent = sendmsg(batch)
-                for i, buf in enumerate(batch):
-                    n = len(buf)
-                    if sent < n:
-                        out = [memoryview(buf)[sent:], *batch[i + 1:], *out[len(batch):]]
-                        break
-                    sent -= n
-                else:
-                    out = out[len(batch):]
+                out = _unsent(batch, sendmsg(batch)) + out[len(batch):]
         except (BlockingIOError, TimeoutError):
             log.warning("connection for %s: the initiator stopped reading; dropped", self.key[2])
             return False

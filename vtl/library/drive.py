@@ -454,10 +454,12 @@ class TapeDrive(SpcDevice):
     def write6(self, req: Request) -> ScsiResult | None:
         """WRITE(6) (SSC-3 6.7): early warning -> NO SENSE 00/02 EOM (data written); no room ->
         VOLUME OVERFLOW 00/02 EOM with the residue; block > maximum -> 24/00."""
+        cdb = req.cdb  # (this runs once per block written: kept lean)
         req.need_cdb(6)
-        req.check_reserved(1, 0xFE)
-        fixed = bool(req.cdb[1] & 0x01)
-        length = u24(req.cdb, 2)
+        if cdb[1] & 0xFE:
+            req.check_reserved(1, 0xFE)
+        fixed = bool(cdb[1] & 0x01)
+        length = (cdb[2] << 16) | (cdb[3] << 8) | cdb[4]
         if fixed and self._block_length == 0:
             raise illegal_request(Asc.INVALID_FIELD_IN_CDB, byte=1, bit=0)
         if not fixed and length > self.max_block_size:
@@ -470,13 +472,16 @@ class TapeDrive(SpcDevice):
         if size * count > MAX_TRANSFER:
             raise illegal_request(Asc.INVALID_FIELD_IN_CDB, byte=2)
         total = size * count
-        data = memoryview(req.data_out)
+        data = req.cmd.data_out
         if len(data) < total:
             raise SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB,
                              field=FieldPointer(2))
+        if count > 1 or len(data) != total:
+            data = memoryview(data)
         dce = self._compression.dce  # SSC-3 8.3.2: the initiator turns compression on
         for done in range(count):
-            block = data[done * size:(done + 1) * size]
+            block = data if count == 1 and len(data) == total else \
+                data[done * size:(done + 1) * size]
             try:
                 cart.write_block(block, compress=dce)
             except VolumeOverflow:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 #: CDB length by operation code group (SAM-5 5.2), for the CONTROL byte check
 _CDB_LENGTH = {0: 6, 1: 10, 2: 10, 4: 16, 5: 12}
+#: index of the CONTROL byte by group (past any CDB for groups without a fixed length)
+_CONTROL_BYTE = tuple(_CDB_LENGTH.get(group, 1 << 16) - 1 for group in range(8))
 
 Handler = Callable[["LogicalUnit", "Request"], "bytes | bytearray | memoryview | ScsiResult | None"]
 
@@ -148,20 +150,27 @@ class LogicalUnit:
 
     # --- dispatcher ------------------------------------------------------------------------
     def execute(self, cmd: ScsiCommand) -> ScsiResult:
-        cdb = bytes(cmd.cdb)
+        cdb = cmd.cdb
+        if type(cdb) is not bytes:
+            cdb = bytes(cdb)
+        nexus = cmd.nexus
         if not cdb:
-            return self._check(cmd.nexus, illegal_request(Asc.INVALID_COMMAND_OPERATION_CODE, byte=0))
+            return self._check(nexus, illegal_request(Asc.INVALID_COMMAND_OPERATION_CODE, byte=0))
         opcode = cdb[0]
-        q = self._queue(cmd.nexus)
+        q = self._ua.get(nexus)
+        if q is None:
+            q = self._queue(nexus)
         if q.pending and opcode not in UA_EXEMPT:
             asc = q.pending.popleft()
-            return self._check(cmd.nexus, SenseError(SenseKey.UNIT_ATTENTION, asc))
+            return self._check(nexus, SenseError(SenseKey.UNIT_ATTENTION, asc))
         handler = self._handlers.get(opcode)
         if handler is None:
-            return self._check(cmd.nexus, illegal_request(Asc.INVALID_COMMAND_OPERATION_CODE, byte=0))
-        req = Request(cmd=cmd, cdb=cdb, nexus=cmd.nexus)
+            return self._check(nexus, illegal_request(Asc.INVALID_COMMAND_OPERATION_CODE, byte=0))
+        req = Request(cmd, cdb, nexus)
         try:
-            self.check_control_byte(req)
+            ctl = _CONTROL_BYTE[opcode >> 5]
+            if ctl < len(cdb) and cdb[ctl] & 0x05:
+                self.check_control_byte(req)
             out = handler(self, req)
         except SenseError as err:
             return self._check(cmd.nexus, err)

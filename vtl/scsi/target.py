@@ -148,12 +148,12 @@ class ScsiTarget:
     # --- ScsiDevice ------------------------------------------------------------------------
     def execute(self, cmd: ScsiCommand) -> ScsiResult:
         self._nexuses.add(cmd.nexus)
-        cdb = bytes(cmd.cdb)
+        cdb = cmd.cdb
         if cdb and cdb[0] == _OP_REPORT_LUNS:
-            return self._report_luns(cmd, cdb)
+            return self._report_luns(cmd, bytes(cdb))
         lu = self._luns.get(cmd.lun)
         if lu is None:
-            return self._missing_lun(cdb)
+            return self._missing_lun(bytes(cdb))
         return lu.execute(cmd)
 
     def reset_lun(self, lun: int) -> None:
