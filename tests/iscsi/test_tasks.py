@@ -95,8 +95,20 @@ def _pdus(cmds: list[tuple[str, bytes, int, int, bytes, int]], swap: int | None,
     return out
 
 
-def _feed(conn: IscsiConnection, raw: bytes) -> bytes:
-    conn.receive_data(raw, 1.0)
+def _feed(conn: IscsiConnection, raw: bytes, chunk: int = 0) -> bytes:
+    """Give ``raw`` to the connection as a socket would: ``chunk`` 0 with receive_data, else
+    read into its receive buffer in reads of at most ``chunk`` bytes (a huge chunk: one PDU
+    per read, the shape the streaming path takes without buffering)."""
+    if not chunk:
+        conn.receive_data(raw, 1.0)
+    else:
+        pos = 0
+        while pos < len(raw):
+            buf = conn.receive_buffer()
+            n = min(len(buf), chunk, len(raw) - pos)
+            buf[:n] = raw[pos:pos + n]
+            conn.receive_into(n, 1.0)
+            pos += n
     return b"".join(bytes(b) for b in conn.data_to_send())
 
 
@@ -107,17 +119,18 @@ def _frame(pdu: P.Pdu, digests: bool) -> bytes:
 
 @settings(max_examples=150, deadline=None)
 @given(cmds=_commands(), digests=st.booleans(), swap=st.one_of(st.none(), st.integers(0, 10)),
-       max_recv=st.sampled_from([512, 4096, 262144]))
+       max_recv=st.sampled_from([512, 4096, 262144]),
+       chunk=st.sampled_from([0, 1 << 30, 1 << 30, 1000, 48]))
 def test_streaming_and_general_paths_answer_the_same_bytes(
         cmds: list[tuple[str, bytes, int, int, bytes, int]], digests: bool, swap: int | None,
-        max_recv: int) -> None:
+        max_recv: int, chunk: int) -> None:
     fast, fast_disk, cmdsn = _session(True, digests, max_recv)
     slow, slow_disk, _ = _session(False, digests, max_recv)
     answered = 0
     for pdu, _data, sent, total in _pdus(cmds, swap, cmdsn):
         raw = _frame(pdu, digests)
-        got = _feed(fast, raw)
-        assert got == _feed(slow, raw), pdu
+        got = _feed(fast, raw, chunk)
+        assert got == _feed(slow, raw, chunk), pdu
         answered += len(got)
         if isinstance(pdu, P.ScsiCommandPdu) and pdu.write and not pdu.final:
             # the rest as unsolicited Data-Out (within FirstBurstLength), then what R2Ts ask
@@ -125,8 +138,8 @@ def test_streaming_and_general_paths_answer_the_same_bytes(
                              expstatsn=0, datasn=0, offset=sent,
                              data=bytes(min(total, 16384) - sent))
             raw = _frame(rest, digests)
-            got = _feed(fast, raw)
-            assert got == _feed(slow, raw)
+            got = _feed(fast, raw, chunk)
+            assert got == _feed(slow, raw, chunk)
             answered += len(got)
         assert fast_disk.data == slow_disk.data
     assert fast._statsn == slow._statsn and fast._expcmdsn == slow._expcmdsn

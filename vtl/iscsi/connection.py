@@ -204,7 +204,15 @@ class IscsiConnection(ScsiTasks):
             return self._take_events()
         if n:
             self._last_rx = now
-        self._reader.buffer_updated(n)
+        reader = self._reader
+        if self._streaming:
+            whole = reader.whole_command(n)  # one command, read whole: no buffering
+            if whole is not None:
+                bhs, data = whole
+                if not self._stream_command(bhs, data):
+                    self._dispatch(bhs, b"", data)
+                return self._take_events()
+        reader.buffer_updated(n)
         return self._parse()
 
     def _parse(self) -> list[Event]:
@@ -218,16 +226,20 @@ class IscsiConnection(ScsiTasks):
             if parts is None:
                 break
             bhs, ahs, data = parts
-            try:
-                if self._streaming and not ahs and bhs[0] & 0x3F == _SCSI_COMMAND \
-                        and self._stream_command(bhs, data):
-                    continue
-                self._handle(P.from_parts(bhs, ahs, data))
-            except PduError as err:
-                self._pdu_error(err)
-            except TextError as err:
-                self._pdu_error(PduError(RejectReason.PROTOCOL_ERROR, str(err), bhs=bhs))
+            if self._streaming and not ahs and bhs[0] & 0x3F == _SCSI_COMMAND \
+                    and self._stream_command(bhs, data):
+                continue
+            self._dispatch(bhs, ahs, data)
         return self._take_events()
+
+    def _dispatch(self, bhs: bytes, ahs: bytes, data: bytes | memoryview) -> None:
+        """Decode one framed PDU and handle it; protocol errors become Rejects (or a close)."""
+        try:
+            self._handle(P.from_parts(bhs, ahs, data))
+        except PduError as err:
+            self._pdu_error(err)
+        except TextError as err:
+            self._pdu_error(PduError(RejectReason.PROTOCOL_ERROR, str(err), bhs=bhs))
 
     def data_to_send(self) -> list[bytes | memoryview]:
         out, self._out = self._out, []

@@ -865,6 +865,22 @@ class PduReader:
             self._rx = memoryview(bytearray(RX_SCRATCH))
         return self._rx
 
+    def whole_command(self, n: int) -> tuple[bytes, bytes] | None:
+        """If the ``n`` bytes just read into the scratch area (:meth:`get_buffer`) are exactly
+        one SCSI Command PDU without AHS or digests and nothing else is pending, take them and
+        return (BHS, data segment) without buffering; otherwise None and nothing is consumed
+        (then :meth:`buffer_updated`). The common shape of a read at queue depth 1."""
+        rx = self._rx
+        if n < BHS_LEN or self._direct is not None or self._pos != len(self._buf) \
+                or self.header_digest or self.data_digest or rx is None:
+            return None
+        if rx[0] & 0x3F != Opcode.SCSI_COMMAND or rx[4]:
+            return None
+        dsl = (rx[5] << 16) | (rx[6] << 8) | rx[7]
+        if BHS_LEN + ((dsl + 3) & ~3) != n or dsl > self.max_data:
+            return None
+        return bytes(rx[:BHS_LEN]), bytes(rx[BHS_LEN:BHS_LEN + dsl]) if dsl else b""
+
     def buffer_updated(self, n: int) -> None:
         """``n`` bytes were read into the buffer :meth:`get_buffer` returned last."""
         p = self._direct
