@@ -694,8 +694,11 @@ def appliance_peer(size_mb: int, want_disk: bool, want_tape: bool, workdir: Path
     log_path = workdir / "vtl-serve.log"
     log = open(log_path, "ab")
     try:
+        # NFS/MOUNT/portmapper on ports of their own choice: an appliance or another bench
+        # already holding 2049/20048/111 must not stop this one (the figures are iSCSI's)
         proc = subprocess.Popen([vtl, "serve", "--data-dir", str(data), "--listen",
-                                 f"127.0.0.1:{port}"], stdin=subprocess.DEVNULL, stdout=log,
+                                 f"127.0.0.1:{port}", "--nfs-port", "0", "--mount-port", "0",
+                                 "--portmap-port", "0"], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     except OSError as exc:
         log.close()
