@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 class ScsiStatus(enum.IntEnum):
@@ -29,9 +30,9 @@ class ScsiStatus(enum.IntEnum):
     TASK_ABORTED = 0x40
 
 
-@dataclass(frozen=True, slots=True)
-class ScsiCommand:
-    """One SCSI command as a logical unit sees it.
+class ScsiCommand(NamedTuple):
+    """One SCSI command as a logical unit sees it (immutable; a named tuple rather than a
+    frozen dataclass because one is built per command and a tuple is built in one step).
 
     ``nexus`` identifies the I_T nexus (initiator port name, e.g. "iqn...,i,0x<isid>"); devices
     key unit attentions and reservations on it. ``expected_in`` is the transport's Expected Data
