@@ -8,7 +8,8 @@ the event loop, except for targets with ``blocking`` set: their device calls (``
 events) run on a bounded thread pool the server owns, one call at a time per device in the
 order asked (a "strand"), and each result goes back to its connection on the loop thread
 (``call_soon_threadsafe`` -> ``IscsiConnection.complete``). A result for a connection that has
-gone is dropped there. Without such targets no thread is ever started (the drive workers).
+gone is dropped there. Without such targets no thread is ever started. (The drive workers do not
+use this server: they serve their adopted connections with :mod:`vtl.iscsi.threads`.)
 The owner of a blocking device queues its own work on the same strand with
 :meth:`IscsiServer.call_device` (closing the device must not race a command being executed).
 """
