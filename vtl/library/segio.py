@@ -89,8 +89,8 @@ class Writeback:
 
     __slots__ = ("chunk", "mark")
 
-    def __init__(self, chunk: int = WRITEBACK_CHUNK) -> None:
-        self.chunk = chunk
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk = chunk or WRITEBACK_CHUNK
         self.mark = 0  # writeback was started for bytes [0, mark) of the last segment
 
     def due(self, end: int) -> bool:
@@ -115,8 +115,8 @@ class ReadAhead:
 
     __slots__ = ("chunk", "hint", "seg", "start", "end", "buf")
 
-    def __init__(self, chunk: int = READ_AHEAD) -> None:
-        self.chunk = chunk
+    def __init__(self, chunk: int | None = None) -> None:
+        self.chunk = chunk or READ_AHEAD
         self.hint = 0  # size of the last record read: a header miss reads that much ahead
         self.seg = -1
         self.start = self.end = 0  # buf holds bytes [start, end) of segment seg
