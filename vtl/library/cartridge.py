@@ -193,6 +193,10 @@ class Squeezer:
         return out
 
 
+_KINDS = {k.value: k for k in RecordType}
+_COMPRESSIONS = {c.value: c for c in Compression}
+
+
 def _unzstd(data: bytes, size: int) -> bytes:
     import zstandard
 
@@ -246,13 +250,11 @@ class RecordHeader:
         if len(buf) < REC_HDR_LEN:
             raise MediumCorrupt("record header truncated")
         magic, kind, flags, _r, obj, stored, logical, pcrc, hcrc = _REC_HDR.unpack_from(buf)
-        if magic != REC_MAGIC or hcrc != crc32c(bytes(buf[: REC_HDR_LEN - 4])):
+        if magic != REC_MAGIC or hcrc != crc32c(buf[: REC_HDR_LEN - 4]):
             raise MediumCorrupt("bad record header")
-        try:
-            rtype = RecordType(kind)
-            comp = Compression(flags & 0x0F)
-        except ValueError as exc:
-            raise MediumCorrupt("unknown record type or compression") from exc
+        rtype, comp = _KINDS.get(kind), _COMPRESSIONS.get(flags & 0x0F)  # once per block read
+        if rtype is None or comp is None:
+            raise MediumCorrupt("unknown record type or compression")
         if stored > MAX_RECORD or logical > MAX_RECORD:
             raise MediumCorrupt("record length out of range")
         if rtype == RecordType.FILEMARK and (stored or logical):

@@ -32,8 +32,9 @@ read with one ``pread``. Invariants:
   cartridge drops it (:meth:`ReadAhead.drop`) on every append, truncation/erase, repositioning
   (rewind/locate/space) and close. Payload CRCs are still checked by the cartridge on every read.
 - The first fill after a drop or a jump is small (one record and the next header, at least
-  FIRST_READ); fills that continue where the previous one ended take READ_AHEAD, so a locate
-  followed by one small read does not read a whole chunk.
+  FIRST_READ), so a locate followed by one small read does not read a whole chunk. Fills that
+  continue the previous one take up to READ_AHEAD, sized in whole records like the last one
+  read plus the next header, so that a stream of equal blocks is read without overlaps.
 """
 
 from __future__ import annotations
@@ -135,8 +136,13 @@ class ReadAhead:
         if seg == self.seg and self.start <= off and off + n <= self.end:
             rel = off - self.start
             return self.buf[rel:rel + n]
-        sequential = seg == self.seg and self.start <= off <= self.end  # runs on past the end
-        want = max(n + ahead, self.chunk if sequential else FIRST_READ)
+        want = n + ahead
+        if not (seg == self.seg and self.start <= off <= self.end):  # a jump: a small read
+            want = max(want, FIRST_READ)
+        elif self.hint:  # sequential: whole records like the last one, up to a chunk
+            want += max(0, self.chunk - want) // self.hint * self.hint
+        else:
+            want = max(want, self.chunk)
         want = min(want, limit - off) if limit > off else n
         data = os.pread(fd, want, off)
         self.seg, self.start, self.end = seg, off, off + len(data)
