@@ -46,8 +46,9 @@ from typing import Callable
 
 MiB = 1024 * 1024
 
-WRITEBACK_CHUNK = 8 * MiB
-"""Start writeback of the segment being written every this many appended bytes."""
+WRITEBACK_CHUNK = 4 * MiB
+"""Start writeback of the segment being written every this many appended bytes (4, 8 and
+16 MiB measured alike within noise at 170 MB/s; 4 MiB left the least for the fsync)."""
 
 READ_AHEAD = 1 * MiB
 """Bytes read at once while reading sequentially."""
