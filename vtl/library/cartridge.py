@@ -25,7 +25,8 @@ Invariants:
   fsynced. Between them records may sit in the page cache; writeback of the segment being
   written is started every few MiB (:class:`~vtl.library.segio.Writeback`, only a head start).
 - Reads are served from one read-ahead buffer per open cartridge (:class:`~vtl.library.segio.
-  ReadAhead`), dropped on every append, truncation, repositioning and close.
+  ReadAhead`: at most max(1 MiB, one record + 2 headers)), dropped on every append, truncation,
+  repositioning and close; a read block's data is a read-only view of it, valid for good.
 - Recovery on open: ``index.dat`` (if present and valid) covers a durable prefix of the log;
   everything after it is scanned with header and payload CRC checks. The log is truncated at the
   first torn or corrupt record, so after a crash everything up to the last durability point reads
