@@ -22,7 +22,11 @@ Invariants:
 - Thin: the files hold only what was written (a 15 TiB tape costs its data, not its capacity).
 - Durability points are :meth:`Cartridge.sync` (the drive calls it for WRITE FILEMARKS without
   Immed, REWIND, SYNCHRONIZE, UNLOAD) and :meth:`Cartridge.close`: segment file and directory are
-  fsynced. Between them records may sit in the page cache.
+  fsynced. Between them records may sit in the page cache; writeback of the segment being
+  written is started every few MiB (:class:`~vtl.library.segio.Writeback`, only a head start).
+- Reads are served from one read-ahead buffer per open cartridge (:class:`~vtl.library.segio.
+  ReadAhead`: at most max(1 MiB, one record + 2 headers)), dropped on every append, truncation,
+  repositioning and close; a read block's data is a read-only view of it, valid for good.
 - Recovery on open: ``index.dat`` (if present and valid) covers a durable prefix of the log;
   everything after it is scanned with header and payload CRC checks. The log is truncated at the
   first torn or corrupt record, so after a crash everything up to the last durability point reads
@@ -50,6 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import crc32c as _crc32c
+
+from vtl.library.segio import ReadAhead, Writeback
 
 MiB = 1024 * 1024
 
@@ -188,6 +194,10 @@ class Squeezer:
         return out
 
 
+_KINDS = {k.value: k for k in RecordType}
+_COMPRESSIONS = {c.value: c for c in Compression}
+
+
 def _unzstd(data: bytes, size: int) -> bytes:
     import zstandard
 
@@ -241,13 +251,11 @@ class RecordHeader:
         if len(buf) < REC_HDR_LEN:
             raise MediumCorrupt("record header truncated")
         magic, kind, flags, _r, obj, stored, logical, pcrc, hcrc = _REC_HDR.unpack_from(buf)
-        if magic != REC_MAGIC or hcrc != crc32c(bytes(buf[: REC_HDR_LEN - 4])):
+        if magic != REC_MAGIC or hcrc != crc32c(buf[: REC_HDR_LEN - 4]):
             raise MediumCorrupt("bad record header")
-        try:
-            rtype = RecordType(kind)
-            comp = Compression(flags & 0x0F)
-        except ValueError as exc:
-            raise MediumCorrupt("unknown record type or compression") from exc
+        rtype, comp = _KINDS.get(kind), _COMPRESSIONS.get(flags & 0x0F)  # once per block read
+        if rtype is None or comp is None:
+            raise MediumCorrupt("unknown record type or compression")
         if stored > MAX_RECORD or logical > MAX_RECORD:
             raise MediumCorrupt("record length out of range")
         if rtype == RecordType.FILEMARK and (stored or logical):
@@ -264,7 +272,7 @@ class TapeObject:
     """What :meth:`Cartridge.read_next` returns: a data block or a filemark."""
 
     kind: RecordType
-    data: bytes = b""
+    data: bytes | memoryview = b""  # a read-only view of an immutable buffer: valid for good
 
     @property
     def is_filemark(self) -> bool:
@@ -401,6 +409,8 @@ class Cartridge:
         self._closed = False
         self._lock_fd = -1
         self._squeezer: Squeezer | None = None
+        self._wb = Writeback()
+        self._ra = ReadAhead()
 
     def _lock(self) -> None:
         """Exclusive flock on the directory: one writer per cartridge across processes."""
@@ -616,13 +626,14 @@ class Cartridge:
         if self._pos >= self._count:
             return None
         seg, off = self._location()
-        fd = self._fd(seg)
-        hdr = RecordHeader.decode(os.pread(fd, REC_HDR_LEN, off))
+        fd, ra, limit = self._fd(seg), self._ra, self._seg_sizes[seg]
+        hdr = RecordHeader.decode(ra.get(fd, seg, off, REC_HDR_LEN, ra.hint, limit))
         if hdr.obj != self._pos:
             raise MediumCorrupt(f"object {self._pos}: header says {hdr.obj}")
-        data = b""
+        data: bytes | memoryview = b""
         if hdr.stored_length:
-            data = os.pread(fd, hdr.stored_length, off + REC_HDR_LEN)
+            ra.hint = hdr.size  # the next header miss reads a record like this one
+            data = ra.get(fd, seg, off + REC_HDR_LEN, hdr.stored_length, REC_HDR_LEN, limit)
             if len(data) != hdr.stored_length or crc32c(data) != hdr.payload_crc:
                 raise MediumCorrupt(f"object {self._pos}: payload CRC mismatch")
             if hdr.compression == Compression.ZLIB:
@@ -697,6 +708,7 @@ class Cartridge:
         self._closed = True
 
     def _release(self) -> None:
+        self._ra.drop()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -731,6 +743,7 @@ class Cartridge:
         self._fds[seg] = fd
         os.pwrite(fd, SegmentHeader(seg, first_object).encode(), 0)
         self._seg_sizes.append(SEG_HDR_LEN)
+        self._wb.restart(0)
         self._recount()
         self._dirty.add(seg)
         self._dir_dirty = True
@@ -750,6 +763,7 @@ class Cartridge:
         return last, self._seg_sizes[last]
 
     def _set_pos(self, obj: int, loc: tuple[int, int] | None = None) -> None:
+        self._ra.drop()
         self._pos = obj
         self._loc = loc if loc is not None else (self._end() if obj == self._count else None)
 
@@ -798,6 +812,7 @@ class Cartridge:
         """Append one record with a single pwritev (header + payload, no copy of the payload).
         The header is packed here directly: this runs once per block."""
         stored = len(payload)
+        self._ra.drop()
         if self._pos < self._count:
             self.check_writable()
             self._truncate(self._pos)
@@ -819,7 +834,9 @@ class Cartridge:
             while rest:
                 n = os.pwrite(fd, rest, off + size - len(rest))
                 rest = rest[n:]
-        self._seg_sizes[seg] = off + size
+        self._seg_sizes[seg] = end = off + size
+        if self._wb.due(end):  # one compare per record; the syscall once per chunk
+            self._wb.kick(fd, end)
         self._dirty.add(seg)
         self._note_record(kind, seg, off)
         self._pos = self._count
@@ -855,6 +872,7 @@ class Cartridge:
             self._dirty.discard(later)
         del self._seg_sizes[seg + 1:]
         self._seg_sizes[seg] = off
+        self._wb.restart(off)  # everything before the cut was fsynced above
         self._recount()
         fsync_dir(self.path)
         self._dir_dirty = False
@@ -971,4 +989,5 @@ class Cartridge:
                 self._close_fd(later)
                 self._seg_path(later).unlink()
             fsync_dir(self.path)
+        self._wb.restart(self._end()[1])
         self._set_pos(0, (0, SEG_HDR_LEN) if self._count else None)
