@@ -7,18 +7,17 @@ Layout of one cartridge directory::
     seg-000001.dat      ... a new segment starts when the next record would pass SEGMENT_SIZE
     index.dat           derived data: sparse index + filemark list + the end it covers
 
-Record (32-byte header + payload)::
-
-    magic "VREC" | type u8 | flags u8 | reserved u16 | object u64 | stored length u32 |
-    logical length u32 | CRC32C(payload) u32 | CRC32C(header bytes 0..27) u32
+Each record is a 32-byte header + payload; the headers and their codecs are in
+:mod:`vtl.library.tapeformat`.
 
 Invariants:
 
 - Logical object numbers (SSC-3 3.1.37 "logical object identifier") count data blocks and
   filemarks alike, start at 0 and are consecutive through the log; end-of-data is implied by the
   end of the log (object number ``eod``). A record never spans two segments.
-- Only the last segment is ever written; earlier ones are sealed (fsynced when the next segment
-  starts) and may be uploaded and evicted.
+- Only the last segment is ever written; earlier ones are sealed (fsynced in the background when
+  the next segment starts, :class:`~vtl.library.segio.Sealer`; the next durability point waits
+  for it) and may be uploaded and evicted.
 - Thin: the files hold only what was written (a 15 TiB tape costs its data, not its capacity).
 - Durability points are :meth:`Cartridge.sync` (the drive calls it for WRITE FILEMARKS without
   Immed, REWIND, SYNCHRONIZE, UNLOAD) and :meth:`Cartridge.close`: segment file and directory are
@@ -39,12 +38,10 @@ Invariants:
 from __future__ import annotations
 
 import bisect
-import enum
 import fcntl
 import json
 import os
 import re
-import struct
 import sys
 import zlib
 from array import array
@@ -53,17 +50,41 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import crc32c as _crc32c
-
-from vtl.library.segio import ReadAhead, Writeback
-
-MiB = 1024 * 1024
+from vtl.library.segio import ReadAhead, Sealer, Writeback
+from vtl.library.tapeformat import (  # the format's names are part of this module's API
+    _CRC,
+    _IDX_HDR,
+    _REC_HDR_BODY,
+    EVICTED_SUFFIX,
+    IDX_MAGIC,
+    IDX_VERSION,
+    MAX_RECORD,
+    REC_HDR_LEN,
+    REC_MAGIC,
+    SEG_HDR_LEN,
+    CartridgeBusy,
+    CartridgeError,
+    Compression,
+    FormatError,
+    MediumCorrupt,
+    MiB,
+    RecordHeader,
+    RecordType,
+    SegmentHeader,
+    SegmentsEvicted,
+    SpaceResult,
+    Squeezer,
+    Stop,
+    TapeObject,
+    VolumeOverflow,
+    WormViolation,
+    _unzstd,
+    crc32c,
+    has_evicted_segments,
+)
 
 SEGMENT_SIZE = 256 * MiB
 """Default segment file size (records never straddle two segments)."""
-
-MAX_RECORD = 16 * MiB
-"""Largest payload a record may carry (the drive caps blocks far lower)."""
 
 INDEX_STRIDE = 64
 """The in-memory index keeps the file position of every INDEX_STRIDE-th object."""
@@ -77,223 +98,6 @@ INDEX_NAME = "index.dat"
 META_FORMAT = "vtl-cartridge"
 META_VERSION = 1
 _SEG_RE = re.compile(r"^seg-(\d{6})\.dat$")
-
-
-def crc32c(data: bytes | bytearray | memoryview) -> int:
-    return _crc32c.crc32c(data)
-
-
-# --- codecs ---------------------------------------------------------------------------------
-
-SEG_MAGIC = b"VTLTSEG\x00"
-SEG_VERSION = 1
-_SEG_HDR = struct.Struct(">8sHHIQII")  # magic, version, flags, segment, first object, rsvd, crc
-SEG_HDR_LEN = 32
-assert _SEG_HDR.size == SEG_HDR_LEN
-
-REC_MAGIC = b"VREC"
-_REC_HDR = struct.Struct(">4sBBHQIIII")
-REC_HDR_LEN = 32
-assert _REC_HDR.size == REC_HDR_LEN
-_REC_HDR_BODY = struct.Struct(">4sBBHQIII")  # the header without its own CRC
-assert _REC_HDR_BODY.size == REC_HDR_LEN - 4
-
-IDX_MAGIC = b"VTLTIDX\x00"
-IDX_VERSION = 1
-_IDX_HDR = struct.Struct(">8sHHIIQQQ")  # magic, version, rsvd, stride, end seg, end off, objects, fms
-assert _IDX_HDR.size == 44
-_CRC = struct.Struct(">I")
-
-
-class CartridgeError(Exception):
-    """Base of cartridge errors; the drive maps each subclass to sense data."""
-
-
-class FormatError(CartridgeError):
-    """Not a cartridge directory, or metadata of an unknown format/version."""
-
-
-class MediumCorrupt(CartridgeError):
-    """A record failed its CRC on read (drive: MEDIUM ERROR 11/00)."""
-
-
-class WormViolation(CartridgeError):
-    """Overwrite attempted on a WORM cartridge (drive: DATA PROTECT 30/0C)."""
-
-
-class CartridgeBusy(CartridgeError):
-    """Another Cartridge object (in this or another process) has the directory open."""
-
-
-class VolumeOverflow(CartridgeError):
-    """The record does not fit before the hard end of the medium (drive: VOLUME OVERFLOW)."""
-
-
-class SegmentsEvicted(CartridgeError):
-    """Sealed segments were evicted to the object store (stubs ``seg-NNNNNN.dat.evicted``):
-    the cartridge opens only once they are fetched back, never with a hole in its log."""
-
-
-EVICTED_SUFFIX = ".evicted"
-"""A sealed segment replaced by a stub (the cloud tier's cache eviction) is named
-``seg-NNNNNN.dat`` + this suffix."""
-
-
-def has_evicted_segments(path: Path) -> bool:
-    """True if some segment of the cartridge at ``path`` is only a stub (see SegmentsEvicted)."""
-    try:
-        return any(entry.name.endswith(EVICTED_SUFFIX) for entry in Path(path).iterdir())
-    except FileNotFoundError:
-        return False
-
-
-class RecordType(enum.IntEnum):
-    """Kinds of log records. EOD is not a record: it is the end of the log."""
-
-    DATA = 1
-    FILEMARK = 2
-
-
-class Compression(enum.IntEnum):
-    """Per-record compression (record header ``flags`` bits 0-3). NONE and ZSTD are written
-    (ZSTD when the drive's DCE is set and the block shrinks); ZLIB is only read."""
-
-    NONE = 0
-    ZLIB = 1
-    ZSTD = 2
-
-
-class Squeezer:
-    """Adaptive per-record zstd (level 1): a block is stored compressed only when that saves
-    at least 1/8. After a block that does not compress, the next ``skip`` blocks are stored
-    as they are without trying (``skip`` doubles up to MAX_SKIP while data stays
-    incompressible), so random or already-compressed streams cost almost nothing."""
-
-    MAX_SKIP = 64
-
-    def __init__(self, level: int = 1) -> None:
-        import zstandard  # C extension; imported when a drive first compresses
-
-        self._zc = zstandard.ZstdCompressor(level=level)
-        self._skip = 0
-        self._backoff = 1
-        self.tried = self.kept = 0
-
-    def squeeze(self, data: bytes | memoryview) -> bytes | None:
-        if self._skip:
-            self._skip -= 1
-            return None
-        self.tried += 1
-        out = self._zc.compress(data)
-        if len(out) > len(data) - len(data) // 8:
-            self._skip = self._backoff
-            self._backoff = min(self.MAX_SKIP, self._backoff * 2)
-            return None
-        self._backoff = 1
-        self.kept += 1
-        return out
-
-
-_KINDS = {k.value: k for k in RecordType}
-_COMPRESSIONS = {c.value: c for c in Compression}
-
-
-def _unzstd(data: bytes, size: int) -> bytes:
-    import zstandard
-
-    return zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
-
-
-@dataclass(frozen=True, slots=True)
-class SegmentHeader:
-    """The 32-byte header at the start of every segment file."""
-
-    segment: int
-    first_object: int
-    version: int = SEG_VERSION
-
-    def encode(self) -> bytes:
-        body = _SEG_HDR.pack(SEG_MAGIC, self.version, 0, self.segment, self.first_object, 0, 0)
-        return body[:-4] + _CRC.pack(crc32c(body[:-4]))
-
-    @classmethod
-    def decode(cls, buf: bytes) -> SegmentHeader:
-        if len(buf) < SEG_HDR_LEN:
-            raise FormatError("segment header truncated")
-        magic, version, _flags, seg, first, _r, crc = _SEG_HDR.unpack_from(buf)
-        if magic != SEG_MAGIC:
-            raise FormatError("bad segment magic")
-        if crc != crc32c(buf[: SEG_HDR_LEN - 4]):
-            raise FormatError("segment header CRC mismatch")
-        if version != SEG_VERSION:
-            raise FormatError(f"unsupported segment version {version}")
-        return cls(seg, first, version)
-
-
-@dataclass(frozen=True, slots=True)
-class RecordHeader:
-    """The 32-byte header of one record; ``stored_length`` bytes of payload follow."""
-
-    kind: RecordType
-    obj: int
-    stored_length: int
-    logical_length: int
-    payload_crc: int
-    compression: Compression = Compression.NONE
-
-    def encode(self) -> bytes:
-        body = _REC_HDR.pack(REC_MAGIC, self.kind, self.compression, 0, self.obj,
-                             self.stored_length, self.logical_length, self.payload_crc, 0)
-        return body[:-4] + _CRC.pack(crc32c(body[:-4]))
-
-    @classmethod
-    def decode(cls, buf: bytes | bytearray | memoryview) -> RecordHeader:
-        if len(buf) < REC_HDR_LEN:
-            raise MediumCorrupt("record header truncated")
-        magic, kind, flags, _r, obj, stored, logical, pcrc, hcrc = _REC_HDR.unpack_from(buf)
-        if magic != REC_MAGIC or hcrc != crc32c(buf[: REC_HDR_LEN - 4]):
-            raise MediumCorrupt("bad record header")
-        rtype, comp = _KINDS.get(kind), _COMPRESSIONS.get(flags & 0x0F)  # once per block read
-        if rtype is None or comp is None:
-            raise MediumCorrupt("unknown record type or compression")
-        if stored > MAX_RECORD or logical > MAX_RECORD:
-            raise MediumCorrupt("record length out of range")
-        if rtype == RecordType.FILEMARK and (stored or logical):
-            raise MediumCorrupt("filemark with payload")
-        return cls(rtype, obj, stored, logical, pcrc, comp)
-
-    @property
-    def size(self) -> int:
-        return REC_HDR_LEN + self.stored_length
-
-
-@dataclass(frozen=True, slots=True)
-class TapeObject:
-    """What :meth:`Cartridge.read_next` returns: a data block or a filemark."""
-
-    kind: RecordType
-    data: bytes | memoryview = b""  # a read-only view of an immutable buffer: valid for good
-
-    @property
-    def is_filemark(self) -> bool:
-        return self.kind == RecordType.FILEMARK
-
-
-class Stop(enum.Enum):
-    """Why a space operation ended early (SSC-3 7.x SPACE)."""
-
-    NONE = "none"
-    FILEMARK = "filemark"
-    EOD = "eod"
-    BOP = "bop"
-
-
-@dataclass(frozen=True, slots=True)
-class SpaceResult:
-    """Outcome of a space/locate: ``residue`` is the count not spaced (always >= 0)."""
-
-    stop: Stop = Stop.NONE
-    residue: int = 0
 
 
 # --- metadata -------------------------------------------------------------------------------
@@ -411,6 +215,8 @@ class Cartridge:
         self._squeezer: Squeezer | None = None
         self._wb = Writeback()
         self._ra = ReadAhead()
+        self._sealer = Sealer()
+        self._ew = (-1, 0)  # (capacity, early-warning bytes) computed for it
 
     def _lock(self) -> None:
         """Exclusive flock on the directory: one writer per cartridge across processes."""
@@ -502,7 +308,11 @@ class Cartridge:
     @property
     def early_warning_bytes(self) -> int:
         """Used bytes at which the early-warning zone begins (SSC-3 4.2.5 EW)."""
-        return self.capacity_bytes - early_warning_size(self.capacity_bytes)
+        capacity = self._meta.capacity_bytes
+        cached = self._ew
+        if cached[0] != capacity:  # (asked once per block written)
+            cached = self._ew = (capacity, capacity - early_warning_size(capacity))
+        return cached[1]
 
     @property
     def early_warning(self) -> bool:
@@ -670,6 +480,49 @@ class Cartridge:
                 payload, comp = packed, Compression.ZSTD
         self._append_record(RecordType.DATA, comp, payload, logical, crc32c(payload))
 
+    def append_plain_block(self, data: bytes | bytearray | memoryview) -> bool:
+        """The streaming case of :meth:`write_block` (no compression), taken only when the
+        block goes at EOD into the current segment and ends before the early-warning zone;
+        False, with nothing written, otherwise (then :meth:`write_block` handles it)."""
+        stored = len(data)
+        if self._pos != self._count or stored > MAX_RECORD:
+            return False
+        sizes = self._seg_sizes
+        seg = len(sizes) - 1
+        off = sizes[seg]
+        end = off + REC_HDR_LEN + stored
+        if end > self.segment_size and off > SEG_HDR_LEN or \
+                self._sealed_used + end - SEG_HDR_LEN >= self.early_warning_bytes:
+            return False
+        self._ra.drop()
+        self._put_record(RecordType.DATA, Compression.NONE, data, stored, crc32c(data), seg, off)
+        return True
+
+    def read_plain_block(self, length: int) -> bytes | memoryview | None:
+        """The streaming case of :meth:`read_next`: the data of the object at the position if
+        it is an uncompressed data block of exactly ``length`` bytes (the position moves past
+        it); None, with the position unchanged, for anything else (EOD, a filemark, another
+        length, compression, a record that does not check out: :meth:`read_next` answers)."""
+        pos = self._pos
+        if pos >= self._count:
+            return None
+        seg, off = self._location()
+        fd, ra, limit = self._fd(seg), self._ra, self._seg_sizes[seg]
+        try:
+            hdr = RecordHeader.decode(ra.get(fd, seg, off, REC_HDR_LEN, ra.hint, limit))
+        except MediumCorrupt:
+            return None
+        stored = hdr.stored_length
+        if hdr.obj != pos or hdr.kind != RecordType.DATA or hdr.compression != Compression.NONE \
+                or stored != length or hdr.logical_length != length:
+            return None
+        ra.hint = REC_HDR_LEN + stored
+        data = ra.get(fd, seg, off + REC_HDR_LEN, stored, REC_HDR_LEN, limit)
+        if len(data) != stored or crc32c(data) != hdr.payload_crc:
+            return None
+        self._advance(seg, off + REC_HDR_LEN + stored)
+        return data
+
     def write_filemarks(self, count: int) -> None:
         """Write ``count`` filemarks (count 0 writes nothing). Durability is the caller's sync()."""
         for _ in range(count):
@@ -749,6 +602,7 @@ class Cartridge:
         self._dir_dirty = True
 
     def _flush_files(self) -> None:
+        self._sealer.wait()
         for seg in sorted(self._dirty):
             if seg < len(self._seg_sizes):
                 os.fsync(self._fd(seg))
@@ -824,10 +678,19 @@ class Cartridge:
             self._seal(seg)
             seg, off = seg + 1, SEG_HDR_LEN
             self._new_segment(seg, self._count)
-        body = _REC_HDR_BODY.pack(REC_MAGIC, kind, comp, 0, self._count, stored, logical,
-                                  payload_crc)
+        self._put_record(kind, comp, payload, logical, payload_crc, seg, off)
+
+    def _put_record(self, kind: RecordType, comp: Compression, payload: bytes | memoryview,
+                    logical: int, payload_crc: int, seg: int, off: int) -> None:
+        """Write the record at EOD (``seg``/``off``, room checked) and account for it."""
+        count = self._count
+        stored = len(payload)
+        body = _REC_HDR_BODY.pack(REC_MAGIC, kind, comp, 0, count, stored, logical, payload_crc)
         head = body + _CRC.pack(crc32c(body))
-        fd = self._fd(seg)
+        fd = self._fds.get(seg)
+        if fd is None:
+            fd = self._fd(seg)
+        size = REC_HDR_LEN + stored
         written = os.pwritev(fd, [head, payload] if stored else [head], off)
         if written != size:  # short write (disk full): write the rest plainly
             rest = (head + bytes(payload))[written:]
@@ -839,11 +702,13 @@ class Cartridge:
             self._wb.kick(fd, end)
         self._dirty.add(seg)
         self._note_record(kind, seg, off)
-        self._pos = self._count
-        self._loc = self._end()
+        self._pos = count + 1
+        self._loc = (seg, end)
 
     def _seal(self, seg: int) -> None:
-        os.fsync(self._fd(seg))
+        """A full segment never changes again: its fsync runs in the background (waited for
+        by the next durability point, :meth:`_flush_files`)."""
+        self._sealer.seal(self._fd(seg))
         self._dirty.discard(seg)
 
     def _drop_index(self) -> None:
@@ -991,3 +856,13 @@ class Cartridge:
             fsync_dir(self.path)
         self._wb.restart(self._end()[1])
         self._set_pos(0, (0, SEG_HDR_LEN) if self._count else None)
+
+
+__all__ = [  # with the format's names re-exported from vtl.library.tapeformat
+    "EVICTED_SUFFIX", "INDEX_NAME", "MAX_RECORD", "META_NAME", "REC_HDR_LEN", "SEG_HDR_LEN",
+    "SEGMENT_SIZE", "Cartridge", "CartridgeBusy", "CartridgeError", "CartridgeMeta",
+    "Compression", "FormatError", "MediumCorrupt", "RecordHeader", "RecordType",
+    "SegmentHeader", "SegmentsEvicted", "SpaceResult", "Squeezer", "Stop", "TapeObject",
+    "VolumeOverflow", "WormViolation", "atomic_write", "crc32c", "early_warning_size",
+    "fsync_dir", "has_evicted_segments",
+]

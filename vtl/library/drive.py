@@ -65,7 +65,7 @@ from vtl.library.tapelog import (
     tapealert_page,
 )
 from vtl.scsi.cdb import SscOpcode, u16, u24, u32, u64
-from vtl.scsi.command import ScsiResult
+from vtl.scsi.command import ScsiCommand, ScsiResult
 from vtl.scsi.inquiry import VersionDescriptor
 from vtl.scsi.lu import Request, command
 from vtl.scsi.modepages import BlockDescriptor, ModePage
@@ -233,6 +233,48 @@ class TapeDrive(SpcDevice):
         cart.update_meta(lifetime_written=meta.lifetime_written + self._load_written,
                          lifetime_read=meta.lifetime_read + self._load_read)
         self._load_written = self._load_read = 0
+
+    # --- the streaming path ------------------------------------------------------------------------
+    def execute(self, cmd: ScsiCommand) -> ScsiResult:
+        """A backup stream's variable-block READ(6) or WRITE(6) goes straight to the cartridge
+        when nothing else is to be decided: no unit attention pending and no reservation of
+        another nexus, no FIXED/SILI and no CONTROL bits, medium ready and writable, no
+        compression, a written block that stays before the early warning, a read block of
+        exactly the length asked. Everything else (and anything the cartridge declines) goes
+        through the LogicalUnit dispatcher and the handlers below; both answer alike (tested
+        command for command in tests/library/test_drive_stream.py)."""
+        cdb = cmd.cdb
+        op = cdb[0]
+        if (op == 0x0A or op == 0x08) and not cdb[1] and not cdb[5] & 0x05:
+            cart = self._cart
+            nexus = cmd.nexus
+            q = self._ua.get(nexus)
+            holder = self.reserved_by
+            if cart is not None and not self._unloaded and q is not None and not q.pending \
+                    and (holder is None or holder == nexus):
+                length = (cdb[2] << 16) | (cdb[3] << 8) | cdb[4]
+                if op == 0x0A:
+                    data = cmd.data_out
+                    if 0 < length <= self.max_block_size and len(data) == length \
+                            and not self._read_only and not self._compression.dce:
+                        try:
+                            done = cart.append_plain_block(data)
+                        except OSError as exc:
+                            return self._check(nexus, self._medium_error(exc, write=True))
+                        if done:
+                            self._bytes_written += length
+                            self._load_written += length
+                            return ScsiResult()
+                elif length:
+                    try:
+                        block = cart.read_plain_block(length)
+                    except OSError as exc:
+                        return self._check(nexus, self._medium_error(exc, write=False))
+                    if block is not None:
+                        self._bytes_read += length
+                        self._load_read += length
+                        return ScsiResult(data_in=block)
+        return super().execute(cmd)
 
     # --- LogicalUnit / SpcDevice hooks ----------------------------------------------------------
     def ready(self) -> None:

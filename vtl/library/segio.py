@@ -1,4 +1,5 @@
-"""File I/O helpers of the cartridge's segment log: early writeback and sequential read-ahead.
+"""File I/O helpers of the cartridge's segment log: early writeback, background seals and
+sequential read-ahead.
 
 Two small pieces of state a :class:`~vtl.library.cartridge.Cartridge` holds, one of each per
 open cartridge:
@@ -42,6 +43,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 MiB = 1024 * 1024
@@ -110,6 +112,57 @@ class Writeback:
     def restart(self, mark: int) -> None:
         """A new segment (mark 0), a truncation (mark = the cut, if before it) or a reopen."""
         self.mark = mark
+
+
+_seal_pool: list[ThreadPoolExecutor] = []  # created at the first seal (no import side effect)
+
+
+def _fsync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Sealer:
+    """The fsyncs of sealed segments, run in the background (a small process-wide pool) so a
+    stream does not stop while a full segment (256 MiB) goes to disk.
+
+    Invariants: a durability point calls :meth:`wait` before anything it promises, so every
+    segment sealed before it is on disk when it returns; an fsync error is raised there (once)
+    as the OSError it was. The fsync works on a duplicate descriptor, so the cartridge may close
+    or unlink the segment meanwhile.
+    """
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: list[Future[None]] = []
+
+    def seal(self, fd: int) -> None:
+        if not _seal_pool:
+            _seal_pool.append(ThreadPoolExecutor(2, thread_name_prefix="vtl-seal"))
+        dup = os.dup(fd)
+        try:
+            self._pending.append(_seal_pool[0].submit(_fsync_and_close, dup))
+        except BaseException:
+            os.close(dup)
+            raise
+
+    def wait(self) -> None:
+        """Block until every seal asked so far is on disk; raise the first fsync error."""
+        pending, self._pending = self._pending, []
+        error: BaseException | None = None
+        for fut in pending:
+            exc = fut.exception()
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
+
+    @property
+    def pending(self) -> int:
+        return sum(not f.done() for f in self._pending)
 
 
 class ReadAhead:
