@@ -295,3 +295,70 @@ def test_kill_9_with_early_writeback_keeps_acknowledged_data(tmp_path: Path) -> 
     assert got[:301] == [i.to_bytes(4, "big") * 1000 for i in range(300)] + [None]
     assert all(g == b"u" * 4000 for g in got[301:])
     r.close()
+
+
+# --- background seals ----------------------------------------------------------------------------
+
+def test_a_sealed_segment_is_fsynced_in_the_background_and_sync_waits_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    gate, started = threading.Event(), threading.Event()
+    synced: list[int] = []
+    real = segio._fsync_and_close
+
+    def slow_fsync(fd: int) -> None:
+        started.set()
+        assert gate.wait(10)
+        synced.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(segio, "_fsync_and_close", slow_fsync)
+    c = Cartridge.create(tmp_path / "t", "SEAL01", 1 << 30)
+    c.close()
+    c = Cartridge.open(tmp_path / "t", segment_size=256 * KiB)
+    block = bytes(range(256)) * 256  # 64 KiB
+    for _ in range(5):  # the fifth block starts segment 1: segment 0 is sealed
+        c.write_block(block)
+    assert started.wait(10)
+    assert c._sealer.pending == 1 and synced == []  # the stream did not wait for the disk
+    c.write_block(block)  # nor does the next block
+    done = threading.Event()
+    waiter = threading.Thread(target=lambda: (c.sync(), done.set()))
+    waiter.start()
+    assert not done.wait(0.3)  # a durability point waits for the seal
+    gate.set()
+    waiter.join(10)
+    assert done.is_set() and len(synced) == 1 and c._sealer.pending == 0
+    assert read_all(c) == [block] * 6
+    c.close()
+
+
+def test_a_failed_background_seal_is_reported_at_the_next_durability_point(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The durability point fails (the drive answers MEDIUM ERROR), and the segment is
+    fsynced again, in the foreground, by that and later durability points."""
+    import vtl.library.cartridge as cartridge_mod
+
+    def failing(fd: int) -> None:
+        os.close(fd)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(segio, "_fsync_and_close", failing)
+    c = Cartridge.create(tmp_path / "t", "SEAL02", 1 << 30)
+    c.close()
+    c = Cartridge.open(tmp_path / "t", segment_size=128 * KiB)
+    for _ in range(3):
+        c.write_block(bytes(64 * KiB))
+    seg0 = os.fstat(c._fd(0)).st_ino
+    fsynced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(cartridge_mod.os, "fsync",
+                        lambda fd: (fsynced.append(os.fstat(fd).st_ino), real(fd))[1])
+    with pytest.raises(OSError) as raised:
+        c.sync()
+    assert raised.value.errno == 5
+    assert seg0 in fsynced  # retried in the foreground at once
+    fsynced.clear()
+    c.sync()  # that retry succeeded: the next durability point is clean
+    c.close()

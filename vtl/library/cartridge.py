@@ -602,7 +602,9 @@ class Cartridge:
         self._dir_dirty = True
 
     def _flush_files(self) -> None:
-        self._sealer.wait()
+        failed, error = self._sealer.wait()
+        if error is not None:  # not durable: fsynced again (here, and until it succeeds)
+            self._dirty.update(failed)
         for seg in sorted(self._dirty):
             if seg < len(self._seg_sizes):
                 os.fsync(self._fd(seg))
@@ -610,6 +612,8 @@ class Cartridge:
         if self._dir_dirty:
             fsync_dir(self.path)
             self._dir_dirty = False
+        if error is not None:  # this durability point still failed: the initiator hears it
+            raise error
 
     # --- internals: positions --------------------------------------------------------------------
     def _end(self) -> tuple[int, int]:
@@ -708,7 +712,7 @@ class Cartridge:
     def _seal(self, seg: int) -> None:
         """A full segment never changes again: its fsync runs in the background (waited for
         by the next durability point, :meth:`_flush_files`)."""
-        self._sealer.seal(self._fd(seg))
+        self._sealer.seal(seg, self._fd(seg))
         self._dirty.discard(seg)
 
     def _drop_index(self) -> None:

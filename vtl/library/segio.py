@@ -129,40 +129,43 @@ class Sealer:
     stream does not stop while a full segment (256 MiB) goes to disk.
 
     Invariants: a durability point calls :meth:`wait` before anything it promises, so every
-    segment sealed before it is on disk when it returns; an fsync error is raised there (once)
-    as the OSError it was. The fsync works on a duplicate descriptor, so the cartridge may close
-    or unlink the segment meanwhile.
+    segment sealed before it is on disk when it returns, or it learns which ones failed (the
+    cartridge then fsyncs those again at every durability point until one succeeds, and each
+    failure is an error of that durability point). The fsync works on a duplicate descriptor,
+    so the cartridge may close or unlink the segment meanwhile.
     """
 
     __slots__ = ("_pending",)
 
     def __init__(self) -> None:
-        self._pending: list[Future[None]] = []
+        self._pending: list[tuple[int, Future[None]]] = []
 
-    def seal(self, fd: int) -> None:
+    def seal(self, seg: int, fd: int) -> None:
         if not _seal_pool:
             _seal_pool.append(ThreadPoolExecutor(2, thread_name_prefix="vtl-seal"))
         dup = os.dup(fd)
         try:
-            self._pending.append(_seal_pool[0].submit(_fsync_and_close, dup))
+            self._pending.append((seg, _seal_pool[0].submit(_fsync_and_close, dup)))
         except BaseException:
             os.close(dup)
             raise
 
-    def wait(self) -> None:
-        """Block until every seal asked so far is on disk; raise the first fsync error."""
+    def wait(self) -> tuple[list[int], BaseException | None]:
+        """Block until every seal asked so far has ended; (segments whose fsync failed, the
+        first error)."""
         pending, self._pending = self._pending, []
+        failed: list[int] = []
         error: BaseException | None = None
-        for fut in pending:
+        for seg, fut in pending:
             exc = fut.exception()
-            if exc is not None and error is None:
-                error = exc
-        if error is not None:
-            raise error
+            if exc is not None:
+                failed.append(seg)
+                error = error or exc
+        return failed, error
 
     @property
     def pending(self) -> int:
-        return sum(not f.done() for f in self._pending)
+        return sum(not f.done() for _seg, f in self._pending)
 
 
 class ReadAhead:
