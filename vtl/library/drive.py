@@ -238,14 +238,17 @@ class TapeDrive(SpcDevice):
     def execute(self, cmd: ScsiCommand) -> ScsiResult:
         """A backup stream's variable-block READ(6) or WRITE(6) goes straight to the cartridge
         when nothing else is to be decided: no unit attention pending and no reservation of
-        another nexus, no FIXED/SILI and no CONTROL bits, medium ready and writable, no
+        another nexus, no FIXED (nor, for WRITE, reserved) and no CONTROL bits, medium ready and
+        writable, no
         compression, a written block that stays before the early warning, a read block of
         exactly the length asked. Everything else (and anything the cartridge declines) goes
         through the LogicalUnit dispatcher and the handlers below; both answer alike (tested
         command for command in tests/library/test_drive_stream.py)."""
         cdb = cmd.cdb
         op = cdb[0]
-        if (op == 0x0A or op == 0x08) and not cdb[1] and not cdb[5] & 0x05:
+        # FIXED=0 (and for READ, SILI either way: it only matters for a block of another length)
+        if (op == 0x0A and not cdb[1] or op == 0x08 and not cdb[1] & 0xFD) \
+                and not cdb[5] & 0x05:
             cart = self._cart
             nexus = cmd.nexus
             q = self._ua.get(nexus)
