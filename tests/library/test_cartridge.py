@@ -340,22 +340,26 @@ def test_stale_index_ignored(tmp_path: Path) -> None:
     r.close()
 
 
-def test_kill_9_keeps_acknowledged_data(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writeback", [None, 16384], ids=["default", "writeback-16KiB"])
+def test_kill_9_keeps_acknowledged_data(tmp_path: Path, writeback: int | None) -> None:
+    """kill -9 mid-stream (64 KiB segments; also with early writeback every 16 KiB): everything
+    up to sync() reads back, what follows is a clean prefix of what was being written."""
     path = tmp_path / "K"
     script = textwrap.dedent(f"""
-        import os, sys, time
+        import sys
         from pathlib import Path
+        from vtl.library import segio
         from vtl.library.cartridge import Cartridge
+        if {writeback!r}:
+            segio.WRITEBACK_CHUNK = {writeback!r}
         c = Cartridge.create(Path({str(path)!r}), "KILL01", 1 << 30, segment_size=1 << 16)
-        for i in range(200):
+        for i in range(300):
             c.write_block(i.to_bytes(4, "big") * 1000)
         c.write_filemarks(1)
         c.sync()
         sys.stdout.write("synced\\n"); sys.stdout.flush()
-        i = 0
         while True:
             c.write_block(b"u" * 4000)
-            i += 1
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             cwd=Path(__file__).resolve().parents[2])
@@ -365,8 +369,8 @@ def test_kill_9_keeps_acknowledged_data(tmp_path: Path) -> None:
     proc.wait()
     r = Cartridge.open(path)
     got = read_all(r)
-    assert got[:201] == [i.to_bytes(4, "big") * 1000 for i in range(200)] + [None]
-    assert all(g == b"u" * 4000 for g in got[201:])
+    assert got[:301] == [i.to_bytes(4, "big") * 1000 for i in range(300)] + [None]
+    assert all(g == b"u" * 4000 for g in got[301:])
     r.close()
 
 
