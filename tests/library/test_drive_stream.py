@@ -150,3 +150,23 @@ def test_the_compression_step_turns_compression_on(tmp_path: Path) -> None:
     assert drive.execute(ScsiCommand(0, COMPRESS_ON[0], COMPRESS_ON[1], nexus=N1)).ok
     assert drive._compression.dce
     drive.close()
+
+
+def test_a_corrupt_block_is_a_medium_error_on_the_streaming_path_too(tmp_path: Path) -> None:
+    drive, _ = _drives(tmp_path, False)
+    for _ in range(2):
+        drive.execute(ScsiCommand(0, TUR, nexus=N1))
+    block = bytes(range(256)) * 32
+    for _ in range(3):
+        assert drive.execute(ScsiCommand(0, write6(len(block)), block, nexus=N1)).ok
+    assert drive.execute(ScsiCommand(0, wfm(1), nexus=N1)).ok  # on disk
+    seg = tmp_path / "stream" / "seg-000000.dat"
+    raw = bytearray(seg.read_bytes())
+    raw[-2 * (32 + len(block)) + 100] ^= 0xFF  # a payload byte of the second block
+    seg.write_bytes(bytes(raw))
+    assert drive.execute(ScsiCommand(0, REWIND, nexus=N1)).ok
+    first = drive.execute(ScsiCommand(0, read6(len(block)), nexus=N1))
+    assert first.ok and bytes(first.data_in) == block
+    second = drive.execute(ScsiCommand(0, read6(len(block)), nexus=N1))
+    assert second.status == 2 and (second.sense[2] & 0x0F, second.sense[12]) == (0x03, 0x11)
+    drive.close()

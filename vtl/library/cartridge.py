@@ -52,6 +52,7 @@ from typing import Any
 
 from vtl.library.segio import ReadAhead, Sealer, Writeback
 from vtl.library.tapeformat import (  # the format's names are part of this module's API
+    _REC_HDR,
     _CRC,
     _IDX_HDR,
     _REC_HDR_BODY,
@@ -85,6 +86,8 @@ from vtl.library.tapeformat import (  # the format's names are part of this modu
 
 SEGMENT_SIZE = 256 * MiB
 """Default segment file size (records never straddle two segments)."""
+
+_DATA = int(RecordType.DATA)
 
 INDEX_STRIDE = 64
 """The in-memory index keeps the file position of every INDEX_STRIDE-th object."""
@@ -502,25 +505,26 @@ class Cartridge:
         """The streaming case of :meth:`read_next`: the data of the object at the position if
         it is an uncompressed data block of exactly ``length`` bytes (the position moves past
         it); None, with the position unchanged, for anything else (EOD, a filemark, another
-        length, compression, a record that does not check out: :meth:`read_next` answers)."""
+        length, compression, a record that does not check out: :meth:`read_next` answers).
+        Header and payload come from the read-ahead buffer in one piece."""
         pos = self._pos
         if pos >= self._count:
             return None
         seg, off = self._location()
-        fd, ra, limit = self._fd(seg), self._ra, self._seg_sizes[seg]
-        try:
-            hdr = RecordHeader.decode(ra.get(fd, seg, off, REC_HDR_LEN, ra.hint, limit))
-        except MediumCorrupt:
+        ra = self._ra
+        size = REC_HDR_LEN + length
+        rec = ra.get(self._fd(seg), seg, off, size, REC_HDR_LEN, self._seg_sizes[seg])
+        if len(rec) != size:
             return None
-        stored = hdr.stored_length
-        if hdr.obj != pos or hdr.kind != RecordType.DATA or hdr.compression != Compression.NONE \
-                or stored != length or hdr.logical_length != length:
+        magic, kind, flags, _r, obj, stored, logical, pcrc, hcrc = _REC_HDR.unpack_from(rec)
+        if obj != pos or stored != length or logical != length or kind != _DATA or flags \
+                or magic != REC_MAGIC or hcrc != crc32c(rec[:REC_HDR_LEN - 4]):
             return None
-        ra.hint = REC_HDR_LEN + stored
-        data = ra.get(fd, seg, off + REC_HDR_LEN, stored, REC_HDR_LEN, limit)
-        if len(data) != stored or crc32c(data) != hdr.payload_crc:
+        data = rec[REC_HDR_LEN:]
+        if crc32c(data) != pcrc:
             return None
-        self._advance(seg, off + REC_HDR_LEN + stored)
+        ra.hint = size  # the next miss reads ahead in records like this one
+        self._advance(seg, off + size)
         return data
 
     def write_filemarks(self, count: int) -> None:
