@@ -35,9 +35,11 @@ Invariants:
 
 Memory bound of a worker (per session): the iSCSI receive buffer (<= one PDU, 256 KiB + 48),
 the data of commands queued in the session (<= ``WORKER_SESSION_DATA``, 32 MiB; an initiator
-streaming at queue depth 1 uses one block), four pooled write buffers of the block size, and one
-READ's data (sends block: nothing queues behind a peer that reads slowly); per loaded cartridge, 8 bytes per 64 logical objects
-plus 8 per filemark (the sparse index). Nothing else grows with the bytes written.
+streaming at queue depth 1 uses one block), four pooled write buffers of the block size, one
+READ's data (sends block: nothing queues behind a peer that reads slowly) and the connection
+thread's stack; per loaded cartridge, the read-ahead buffer (<= max(1 MiB, one record + 64
+bytes)), 8 bytes per 64 logical objects plus 8 per filemark (the sparse index). Nothing else
+grows with the bytes written.
 """
 
 from __future__ import annotations
