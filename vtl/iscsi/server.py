@@ -26,7 +26,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Protocol, TypeVar
 
-from vtl.iscsi.connection import ConnectionClosed, DeviceCall, Event, IscsiConnection, \
+from vtl.iscsi.connection import DeviceCall, Event, IscsiConnection, \
     LoginCompleted, SessionState
 from vtl.iscsi.login import SessionType, TargetSettings
 from vtl.iscsi.target import TargetRegistry
