@@ -239,9 +239,8 @@ class TapeDrive(SpcDevice):
         """A backup stream's variable-block READ(6) or WRITE(6) goes straight to the cartridge
         when nothing else is to be decided: no unit attention pending and no reservation of
         another nexus, no FIXED (nor, for WRITE, reserved) and no CONTROL bits, medium ready and
-        writable, no
-        compression, a written block that stays before the early warning, a read block of
-        exactly the length asked. Everything else (and anything the cartridge declines) goes
+        writable, no compression, a written block that stays before the early warning, a read
+        block of exactly the length asked. Everything else (and anything the cartridge declines) goes
         through the LogicalUnit dispatcher and the handlers below; both answer alike (tested
         command for command in tests/library/test_drive_stream.py)."""
         cdb = cmd.cdb
@@ -265,8 +264,7 @@ class TapeDrive(SpcDevice):
                         except OSError as exc:
                             return self._check(nexus, self._medium_error(exc, write=True))
                         if done:
-                            self._bytes_written += length
-                            self._load_written += length
+                            self._note_written(length)
                             return ScsiResult()
                 elif length:
                     try:
@@ -274,8 +272,7 @@ class TapeDrive(SpcDevice):
                     except OSError as exc:
                         return self._check(nexus, self._medium_error(exc, write=False))
                     if block is not None:
-                        self._bytes_read += length
-                        self._load_read += length
+                        self._count_read(length)
                         return ScsiResult(data_in=block)
         return super().execute(cmd)
 
@@ -499,12 +496,10 @@ class TapeDrive(SpcDevice):
     def write6(self, req: Request) -> ScsiResult | None:
         """WRITE(6) (SSC-3 6.7): early warning -> NO SENSE 00/02 EOM (data written); no room ->
         VOLUME OVERFLOW 00/02 EOM with the residue; block > maximum -> 24/00."""
-        cdb = req.cdb  # (this runs once per block written: kept lean)
         req.need_cdb(6)
-        if cdb[1] & 0xFE:
-            req.check_reserved(1, 0xFE)
-        fixed = bool(cdb[1] & 0x01)
-        length = (cdb[2] << 16) | (cdb[3] << 8) | cdb[4]
+        req.check_reserved(1, 0xFE)
+        fixed = bool(req.cdb[1] & 0x01)
+        length = u24(req.cdb, 2)
         if fixed and self._block_length == 0:
             raise illegal_request(Asc.INVALID_FIELD_IN_CDB, byte=1, bit=0)
         if not fixed and length > self.max_block_size:
@@ -517,16 +512,13 @@ class TapeDrive(SpcDevice):
         if size * count > MAX_TRANSFER:
             raise illegal_request(Asc.INVALID_FIELD_IN_CDB, byte=2)
         total = size * count
-        data = req.cmd.data_out
+        data = memoryview(req.data_out)
         if len(data) < total:
             raise SenseError(SenseKey.ILLEGAL_REQUEST, Asc.INVALID_FIELD_IN_CDB,
                              field=FieldPointer(2))
-        if count > 1 or len(data) != total:
-            data = memoryview(data)
         dce = self._compression.dce  # SSC-3 8.3.2: the initiator turns compression on
         for done in range(count):
-            block = data if count == 1 and len(data) == total else \
-                data[done * size:(done + 1) * size]
+            block = data[done * size:(done + 1) * size]
             try:
                 cart.write_block(block, compress=dce)
             except VolumeOverflow:
