@@ -123,7 +123,7 @@ class _Peer:
                 return
         recv_into, receive_buffer, receive_into = sock.recv_into, conn.receive_buffer, \
             conn.receive_into
-        sendmsg, data_to_send = sock.sendmsg, conn.data_to_send
+        data_to_send, send = conn.data_to_send, self._send
         while not conn.closed and not self._stopping:
             try:
                 n = recv_into(receive_buffer())
@@ -141,22 +141,17 @@ class _Peer:
             with lock:
                 receive_into(n, clock())
             out = data_to_send()
-            if out:
-                try:  # the common case: one sendmsg takes it all
-                    sent = sendmsg(out) if len(out) <= _IOV_MAX else 0
-                except OSError:
-                    sent = 0  # _send meets the error again and reports it its way
-                if sent != sum(map(len, out)) and not self._send(_unsent(out, sent)):
-                    return
+            if out and not send(out):
+                return
 
     def _send(self, out: list[bytes | memoryview]) -> bool:
         """Send every buffer (a short send resumes where it stopped); False if the connection
         is gone or the peer stopped reading for longer than SO_SNDTIMEO."""
         sendmsg = self.sock.sendmsg
         try:
-            while out:
-                batch = out[:_IOV_MAX]
-                out = _unsent(batch, sendmsg(batch)) + out[len(batch):]
+            while out:  # (one pass and one call in the common case)
+                batch, out = out[:_IOV_MAX], out[_IOV_MAX:]
+                out = _unsent(batch, sendmsg(batch)) + out
         except (BlockingIOError, TimeoutError):
             log.warning("connection for %s: the initiator stopped reading; dropped", self.key[2])
             return False
