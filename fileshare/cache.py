@@ -53,6 +53,18 @@ class _Entry:
         return len(self.chunks) * chunk
 
 
+def fsync_path(path: Path | str) -> None:
+    """fsync a file by name; a file that is not there has nothing to make durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FileCache:
     """A size-limited cache of share files, shared by every share of the gateway."""
 
@@ -259,16 +271,8 @@ class FileCache:
 
     def sync(self, key: CacheKey) -> None:
         """fsync the cache file (COMMIT)."""
-        if not self.durable:
-            return
-        try:
-            fd = os.open(self.path(key), os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.durable:
+            fsync_path(self.path(key))
 
     def mark_clean(self, key: CacheKey) -> None:
         with self._lock:

@@ -398,14 +398,20 @@ class WriteArgs:
     stable: int
     data: bytes | memoryview
 
-    @classmethod
-    def decode(cls, u: Unpacker) -> "WriteArgs":
+    @staticmethod
+    def _head(u: Unpacker) -> tuple[bytes, int, int, int]:
+        """file, offset, count, stable_how: the fields before the data."""
         fh = unpack_fh(u)
         offset = u.uhyper()
         count = u.uint()
         stable = u.uint()
         if stable not in StableHow._value2member_map_:
             raise XdrError(f"stable_how {stable}")
+        return fh, offset, count, stable
+
+    @classmethod
+    def decode(cls, u: Unpacker) -> "WriteArgs":
+        fh, offset, count, stable = cls._head(u)
         data = u.opaque()
         if len(data) != count:
             # RFC 1813 3.3.7: data is count bytes; Linux nfsd refuses the call as undecodable.
@@ -417,12 +423,7 @@ class WriteArgs:
         """The whole argument body, with ``data`` a view into it (no copy of up to 1 MiB)."""
         view = memoryview(body).cast("B")
         u = Unpacker(view)
-        fh = unpack_fh(u)
-        offset = u.uhyper()
-        count = u.uint()
-        stable = u.uint()
-        if stable not in StableHow._value2member_map_:
-            raise XdrError(f"stable_how {stable}")
+        fh, offset, count, stable = cls._head(u)
         n = u.uint()
         start = u.pos
         if n != count:

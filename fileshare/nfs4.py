@@ -517,6 +517,16 @@ class Nfs4Program(FileOps):
             raise Nfs4Error(Stat.ISDIR)
         return ref
 
+    def _lock_target(self, ctx: OpCtx, locktype: int, offset: int, length: int,
+                     ) -> tuple[FhRef, int, int]:
+        """LOCK/LOCKT/LOCKU's common checks: the lock type, the current file (a regular file),
+        the byte range; returns (file, start, end)."""
+        if locktype not in (READ_LT, WRITE_LT, READW_LT, WRITEW_LT):
+            raise Nfs4Error(Stat.INVAL, f"lock type {locktype}")
+        ref = self._lock_file(ctx)
+        start, end = self._range(offset, length)
+        return ref, start, end
+
     def _op_lock(self, ctx: OpCtx, u: Unpacker) -> bytes:
         locktype = u.enum()
         reclaim = u.bool()
@@ -532,10 +542,7 @@ class Nfs4Program(FileOps):
         else:
             lock_sid = StateId.unpack(u)
             u.uint()
-        if locktype not in (READ_LT, WRITE_LT, READW_LT, WRITEW_LT):
-            raise Nfs4Error(Stat.INVAL, f"lock type {locktype}")
-        ref = self._lock_file(ctx)
-        start, end = self._range(offset, length)
+        ref, start, end = self._lock_target(ctx, locktype, offset, length)
         client = ctx.client
         assert client is not None
         if reclaim:
@@ -572,10 +579,7 @@ class Nfs4Program(FileOps):
         length = u.uhyper()
         u.uhyper()
         owner = u.opaque(NFS4_OPAQUE_LIMIT)
-        if locktype not in (READ_LT, WRITE_LT, READW_LT, WRITEW_LT):
-            raise Nfs4Error(Stat.INVAL, f"lock type {locktype}")
-        ref = self._lock_file(ctx)
-        start, end = self._range(offset, length)
+        ref, start, end = self._lock_target(ctx, locktype, offset, length)
         client = ctx.client
         assert client is not None
         with self._lock:
@@ -592,10 +596,7 @@ class Nfs4Program(FileOps):
         sid = StateId.unpack(u)
         offset = u.uhyper()
         length = u.uhyper()
-        if locktype not in (READ_LT, WRITE_LT, READW_LT, WRITEW_LT):
-            raise Nfs4Error(Stat.INVAL, f"lock type {locktype}")
-        ref = self._lock_file(ctx)
-        start, end = self._range(offset, length)
+        ref, start, end = self._lock_target(ctx, locktype, offset, length)
         if sid.is_current:
             sid = ctx.cur_sid or _raise(Stat.BAD_STATEID)
         with self._lock:

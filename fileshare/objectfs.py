@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import secrets
 import sqlite3
 import stat
@@ -55,7 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from fileshare.cache import FileCache
+from fileshare.cache import FileCache, fsync_path
 from fileshare.fs import (
     Attr, CreateMode, Cred, DirEntry, FileType, FsErrno, FsError, FsStat, SetAttr,
 )
@@ -326,16 +325,8 @@ class ObjectFS:
     def _sync_db(self) -> None:
         """Make the table's last transactions durable (fsync of the WAL) before a reply that
         acknowledges a namespace change, a COMMIT or a FILE_SYNC write (RFC 1813 3.3)."""
-        if not self.durable:
-            return
-        try:
-            fd = os.open(self._wal, os.O_RDONLY)
-        except FileNotFoundError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self.durable:
+            fsync_path(self._wal)
 
     def _mark_due(self, fileid: int) -> None:
         self._due[fileid] = self.clock()
