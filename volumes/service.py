@@ -61,7 +61,7 @@ from volumes.sbc import BlockDevice
 from volumes.cached import MAP_FILE as CACHED_MAP_FILE, CachedBackend, remove_cached_files
 from volumes.cachemap import ChunkMap
 from volumes.snapservice import CachedSource as _CachedSource
-from volumes.snapservice import GuardedChunkStore, SnapshotManager
+from volumes.snapservice import GuardedChunkStore, SnapshotManager, retry_delay
 from volumes.snapservice import TrackerSource as _TrackerSource
 from volumes.snapservice import extend_manifest as _extend
 from volumes.snapshots import (
@@ -92,7 +92,6 @@ DEFAULT_UPLOAD_BUFFER_BYTES = 1 * GIB
 MIN_CACHE_BYTES = 16 * CHUNK_BYTES
 CHAP_SECRET_MIN, CHAP_SECRET_MAX = 12, 16
 VOLUME_TYPES = ("stored", "cached")
-MAX_BACKOFF = 60.0
 NAME_MAX = 200
 # Lower-case letters, digits, '.' and '-' as AWS allows in target names; starting with a letter
 # or digit keeps "." and ".." (and hidden files) out of the volumes directory.
@@ -670,7 +669,7 @@ class VolumeService:
             except (StoreError, OSError) as exc:
                 if stop():
                     return
-                delay = min(MAX_BACKOFF, 2.0 ** min(attempt, 6))
+                delay = retry_delay(attempt)
                 attempt += 1
                 log.warning("volume %s: restore paused (%s); retrying in %.0f s",
                             name, exc, delay)
@@ -778,7 +777,7 @@ class VolumeService:
             except Exception as exc:  # store down (NOT READY after read_wait), closed
                 if self._stopping.is_set() or live.closed:
                     return
-                delay = min(MAX_BACKOFF, 2.0 ** min(attempt, 6))
+                delay = retry_delay(attempt)
                 attempt += 1
                 log.warning("volume %s: bootstrapping paused (%s); retrying in %.0f s",
                             name, exc, delay)

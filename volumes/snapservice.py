@@ -58,6 +58,11 @@ MAX_BACKOFF = 60.0
 DESCRIPTION_MAX = 255
 
 
+def retry_delay(attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0-based) of work the object store interrupted:
+    1, 2, 4 ... s, at most MAX_BACKOFF."""
+    return min(MAX_BACKOFF, 2.0 ** min(attempt, 6))
+
 class SnapshotSource(Protocol):
     """A volume frozen at a point in time, ready to upload (given by VolumeService)."""
 
@@ -255,7 +260,7 @@ class SnapshotManager:
                 except asyncio.CancelledError:
                     raise
                 except (StoreError, OSError) as exc:
-                    delay = min(MAX_BACKOFF, 2.0 ** min(attempt, 6))
+                    delay = retry_delay(attempt)
                     attempt += 1
                     log.warning("snapshot %s: %s (attempt %d); retrying in %.0f s",
                                 sid, exc, attempt, delay)

@@ -198,17 +198,27 @@ def test_model_clock_epoch_is_kept_across_restarts(tmp_path: Path) -> None:
     catalog.close()
 
 
-def test_a_load_waits_becoming_ready_while_the_store_is_down(
-        rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vtl.cloud.store import StoreUnavailable
 
+def _evicted_tape(rig: Any, prefix: str) -> tuple[str, list[bytes], Any]:
+    """A new tape with one file of 12 random blocks, uploaded and evicted from the cache:
+    (barcode, the blocks, the cloud service, cache size 0)."""
     lib, store, clock, catalog = rig
-    barcode = lib.create_tapes({"prefix": "DN", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
+    barcode = lib.create_tapes({"prefix": prefix, "count": 1,
+                                "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
     blocks = [os.urandom(20_000) for _ in range(12)]
     _write(lib, barcode, blocks)
     svc = _service(lib, store, clock, catalog, cache_size=0)
     ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
     assert svc._evict_some([barcode]) > 0
+    return barcode, blocks, svc
+
+
+def test_a_load_waits_becoming_ready_while_the_store_is_down(
+        rig: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vtl.cloud.store import StoreUnavailable
+
+    lib, store, clock, catalog = rig
+    barcode, blocks, svc = _evicted_tape(rig, "DN")
     calls = []
 
     def down(*a: Any, **k: Any) -> bytes:
@@ -250,12 +260,7 @@ def test_a_restart_while_a_drive_is_becoming_ready_loses_nothing(rig: Any, tmp_p
     from vtl.library.cartridge import SegmentsEvicted
 
     lib, store, clock, catalog = rig
-    barcode = lib.create_tapes({"prefix": "RS", "count": 1, "size_bytes": 100 * GiB})["tapes"][0]["barcode"]
-    blocks = [os.urandom(20_000) for _ in range(12)]
-    _write(lib, barcode, blocks)
-    svc = _service(lib, store, clock, catalog, cache_size=0)
-    ts.upload_tape(store, barcode, lib.tape_dir(barcode), final=False)
-    assert svc._evict_some([barcode]) > 0
+    barcode, blocks, svc = _evicted_tape(rig, "RS")
     held = threading.Event()
     real_get = store.get_object
 
