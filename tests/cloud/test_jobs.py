@@ -198,7 +198,6 @@ def test_model_clock_epoch_is_kept_across_restarts(tmp_path: Path) -> None:
     catalog.close()
 
 
-
 def _evicted_tape(rig: Any, prefix: str) -> tuple[str, list[bytes], Any]:
     """A new tape with one file of 12 random blocks, uploaded and evicted from the cache:
     (barcode, the blocks, the cloud service, cache size 0)."""
