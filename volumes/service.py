@@ -580,7 +580,14 @@ class VolumeService:
         """Chunks volumes rely on besides manifests: base and pending snapshot chunks of stored
         volumes, snapshots being restored, cached volumes' maps (from a pool thread)."""
         out: set[str] = set()
-        for row in self.catalog.db.execute_returning_dicts("select name, type from volumes"):
+        # a pool thread: its own catalog handle (the service's one belongs to the event loop;
+        # sharing it across threads interleaved sqlite-utils savepoints)
+        cat = Catalog(self.catalog.path)
+        try:
+            rows = cat.db.execute_returning_dicts("select name, type from volumes")
+        finally:
+            cat.close()
+        for row in rows:
             live = self._live.get(row["name"])
             if row["type"] == "cached":
                 if live is not None and live.cached is not None:

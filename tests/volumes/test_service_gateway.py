@@ -191,3 +191,31 @@ def test_snapshot_needs_the_event_loop_and_a_served_volume(catalog: Catalog,
             call(svc, "CloneVolume", name="v", new_name="w")
     finally:
         svc.close()
+
+
+def test_chunk_refs_for_garbage_collection_leave_the_loops_catalog_handle_alone(
+        catalog: Catalog, tmp_path: Path) -> None:
+    """live_chunk_refs runs in a pool thread while the event loop keeps using the service's
+    catalog handle: it reads through a handle of its own (sharing one connection across
+    threads interleaved sqlite-utils savepoints: "no such savepoint", a failed DeleteSnapshot)."""
+    import concurrent.futures
+
+    svc = make(catalog, tmp_path)
+    svc.start()
+    try:
+        call(svc, "CreateStorediSCSIVolume", name="v", size_bytes=GIB)
+        loop_db = svc.catalog.db
+
+        class LoopOnly:
+            def __getattr__(self, name: str) -> Any:
+                raise AssertionError(f"catalog.db.{name} used from a pool thread")
+
+        svc.catalog.db = LoopOnly()  # type: ignore[assignment]
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                refs = pool.submit(svc.live_chunk_refs).result(30)
+        finally:
+            svc.catalog.db = loop_db
+        assert isinstance(refs, set)
+    finally:
+        svc.close()
